@@ -1,0 +1,107 @@
+"""Data command line: make the synthetic corpus, validate a data file, convert layouts.
+
+    python -m pvfast.data synth --n 1137 --seed 0 --out data/pv-synth
+    python -m pvfast.data validate data/pv-synth/train.jsonl
+    python -m pvfast.data validate prefs.jsonl --kind preference
+    python -m pvfast.data convert published_dataset_dir/ train.jsonl [--skip-invalid]
+
+``validate`` and ``convert`` refuse a file with any invalid record (exit code 2, one line per problem
+naming file, line and field) unless ``--skip-invalid`` is given, which reports what was skipped and why.
+``convert`` writes nothing when it refuses. Message and span text are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pvfast.data import io
+
+EXIT_INVALID_DATA = 2
+
+
+def _report_skipped(problems: list) -> None:
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    if problems:
+        print(f"skipped {len(problems)} invalid record(s)", file=sys.stderr)
+
+
+def _load(path: Path, kind: str, skip_invalid: bool):
+    loader = io.load_examples if kind == "sft" else io.load_preferences
+    return loader(path, skip_invalid=skip_invalid)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pvfast.data.synth import write_corpus
+
+    paths = write_corpus(args.out, n=args.n, seed=args.seed)
+    for split, path in paths.items():
+        examples, _ = io.load_examples(path)
+        n_ann = sum(len(e.annotations) for e in examples)
+        print(f"{split:<11} {len(examples):>5} messages {n_ann:>6} annotations -> {path}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    records, skipped = _load(args.path, args.kind, args.skip_invalid)
+    _report_skipped(skipped)
+    if args.kind == "sft":
+        directions = Counter(r.direction for r in records)
+        n_ann = sum(len(r.annotations) for r in records)
+        print(f"{args.path}: {len(records)} valid examples ({directions['Y']} provider->patient, "
+              f"{directions['N']} patient->provider), {n_ann} annotations")
+    else:
+        n_pairs = sum(len(r.rejected) for r in records)
+        print(f"{args.path}: {len(records)} valid preference records, {n_pairs} pairs")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    records, skipped = _load(args.src, args.kind, args.skip_invalid)
+    _report_skipped(skipped)
+    write = io.write_examples if args.kind == "sft" else io.write_preferences
+    write(args.dst, records)
+    print(f"wrote {len(records)} records -> {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pvfast.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic PV-Miner corpus (train/validation/test JSONL)")
+    p.add_argument("--n", type=int, default=1137, help="number of messages (default: 1137, the published size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=cmd_synth)
+
+    for name, func, help_text in (("validate", cmd_validate, "check a data file and summarise it"),
+                                  ("convert", cmd_convert, "read any supported layout, write pvfast JSONL")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "validate":
+            p.add_argument("path", type=Path)
+        else:
+            p.add_argument("src", type=Path)
+            p.add_argument("dst", type=Path)
+        p.add_argument("--kind", choices=("sft", "preference"), default="sft")
+        p.add_argument("--skip-invalid", action="store_true",
+                       help="skip invalid records (reported) instead of refusing the file")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except io.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID_DATA
+
+
+if __name__ == "__main__":
+    sys.exit(main())
