@@ -1,0 +1,1 @@
+"""pvfast benchmarks (`python -m pytest bench`); not installed with the package."""

@@ -1,0 +1,90 @@
+"""Benchmark cases for the per-token log-prob ops: one builder shared by timing and memory probes.
+
+A case is a JSON-able dict ``{"provider", "mode", "N", "H", "V", "dtype", "device"}``. ``build_case``
+allocates the inputs once and returns a callable running one forward, one forward+backward, or (with
+``split_backward``) a (forward, backward) pair so the backward can be timed alone.
+
+Providers (all compute ℓ_t = log softmax(h_t Wᵀ)[y_t] and its gradient w.r.t. h):
+    naive          logits = h Wᵀ → float → log_softmax → gather (what a plain trainer does)
+    pvfast-torch   pvfast's chunked torch reference (impl="torch")
+    pvfast-cpp     pvfast's C++ CPU op (impl="cpp")
+    pvfast-triton  pvfast's Triton kernel (impl="triton", CUDA only)
+    liger          Liger-Kernel's fused linear cross entropy with reduction="none" (if installed)
+    cce            Apple's cut-cross-entropy ``linear_cross_entropy`` with reduction="none" (if installed)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROVIDERS = ("naive", "pvfast-torch", "pvfast-cpp", "pvfast-triton", "liger", "cce")
+
+
+def provider_available(provider: str, device: str) -> str | None:
+    """None if ``provider`` can run on ``device``, else the reason it is skipped."""
+    if provider == "pvfast-triton" and device != "cuda":
+        return "Triton kernels need a GPU (the interpreter is a correctness tool, not a benchmark)"
+    if provider == "pvfast-cpp":
+        if device != "cpu":
+            return "the C++ op is the CPU implementation"
+        from pvfast._cpp import cpp_available
+
+        if not cpp_available():
+            return "pvfast._C is not built"
+    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    if provider == "cce" and (importlib.util.find_spec("cut_cross_entropy") is None or device != "cuda"):
+        return "cut-cross-entropy is not installed (it needs a GPU)"
+    return None
+
+
+def _logprob_fn(provider: str):
+    if provider == "naive":
+        def naive(h, w, y):
+            logits = (h @ w.T).float()
+            return torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)
+        return naive
+    if provider.startswith("pvfast-"):
+        from pvfast import ops
+
+        impl = provider.removeprefix("pvfast-")
+        return lambda h, w, y: ops.linear_token_logprobs(h, w, y, impl=impl)
+    if provider == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda h, w, y: -loss(w, h, y)
+    if provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none")
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def build_case(spec: dict, split_backward: bool = False):
+    device = spec.get("device", "cpu")
+    dtype = DTYPES[spec.get("dtype", "fp32")]
+    n, h_dim, v = int(spec["N"]), int(spec["H"]), int(spec["V"])
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    hidden = (torch.randn(n, h_dim, generator=gen) / h_dim ** 0.25).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(v, h_dim, generator=gen) / h_dim ** 0.25).to(device, dtype)  # frozen lm_head (LoRA)
+    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    upstream = torch.rand(n, generator=gen).to(device)  # not all ones, like a real weighted loss
+    fn = _logprob_fn(spec["provider"])
+    mode = spec.get("mode", "forward+backward")
+
+    def forward():
+        return fn(hidden, weight, targets)
+
+    def backward(logp):
+        (logp.float() * upstream).sum().backward()
+        hidden.grad = None
+
+    if split_backward:
+        return forward, backward
+    if mode == "forward":
+        return forward  # a training forward: autograd records what the backward needs
+    return lambda: backward(forward())
