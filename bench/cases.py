@@ -34,8 +34,8 @@ def provider_available(provider: str, device: str) -> str | None:
 
         if not cpp_available():
             return "pvfast._C is not built"
-    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed"
+    if provider == "liger" and (importlib.util.find_spec("liger_kernel") is None or device != "cuda"):
+        return "liger-kernel is not installed (its fused linear cross entropy is a GPU Triton kernel)"
     if provider == "cce" and (importlib.util.find_spec("cut_cross_entropy") is None or device != "cuda"):
         return "cut-cross-entropy is not installed (it needs a GPU)"
     return None
