@@ -1,0 +1,243 @@
+"""Tokenize prompt + completion for training, with a role and a weight per completion token (SPEC §2).
+
+What the model is trained on
+----------------------------
+``prompt_text`` is the exact text the model is given at generation time: the chat template already
+applied, ending with the generation prompt (e.g. ``...<|im_start|>assistant\\n``). ``completion_text`` is
+the canonical one-line JSON (:func:`pvfast.data.jsonfmt.serialize`). The trained sequence is::
+
+    prompt_ids      = tokenize(prompt_text)                      (no special tokens added)
+    completion_ids  = tokenize(completion_text) + [end_of_turn]  (no special tokens added)
+    input_ids       = prompt_ids + completion_ids
+
+* No special tokens are added by the tokenizer call: a chat template writes its own BOS / turn markers
+  into the text, and adding them again would double them.
+* The completion is tokenized on its own, not as part of ``prompt_text + completion_text``. At generation
+  time the model is handed ``prompt_ids`` and emits completion tokens after them, so a BPE merge across
+  the prompt/completion boundary can never happen there; tokenizing separately trains exactly the token
+  sequence the model has to produce. (For ChatML-style templates the generation prompt ends in a newline
+  and the JSON starts with ``{``; byte-level pre-tokenizers split there anyway, so both ways agree.)
+* The end-of-turn token (default: ``tokenizer.eos_token``, e.g. ``<|im_end|>`` for Qwen2.5-Instruct,
+  ``<|eot_id|>`` for Llama-3-Instruct) is appended as one id, so the model learns to stop. Text the chat
+  template writes after it (a trailing newline) is not trained: generation has stopped by then.
+
+Token roles
+-----------
+A completion token's role comes from the fast tokenizer's character offsets compared with
+:func:`pvfast.data.jsonfmt.value_spans`: a token whose character range ``[s, e)`` overlaps a value range
+``[vs, ve)`` (``s < ve and e > vs``) gets that value's role (code / subcode / span); otherwise it is
+scaffold. So a token straddling a quote, such as ``"Cl`` covering the opening quote and the first value
+characters, counts as a value token: it carries value content the model must get right, and it takes the
+higher weight. A zero-width token (possible when a tokenizer trims whitespace from offsets) is a value
+token if its position lies inside a value range. A token overlapping several value ranges takes the first
+(leftmost) one. The end-of-turn token is scaffold.
+
+Diff weights
+------------
+Chosen and rejected are aligned with :class:`difflib.SequenceMatcher` over token ids
+(``autojunk=False``); tokens inside replace/delete/insert opcodes are marked as different on each side.
+An inserted triple marks only its own tokens, not every token after it as a position-wise comparison
+would.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from pvfast.data.jsonfmt import value_spans
+from pvfast.weights import (
+    ROLE_BY_NAME,
+    ROLE_CODE,
+    ROLE_PROMPT,
+    ROLE_SCAFFOLD,
+    ROLE_SPAN,
+    ROLE_SUBCODE,
+    TokenWeightConfig,
+)
+
+
+@dataclass
+class TokenizedCompletion:
+    """One prompt and one completion as token ids, with per-completion-token roles and weights.
+
+    Shapes: ``prompt_ids`` (P,) int64; ``completion_ids`` (C,) int64 (end-of-turn token last);
+    ``roles`` (C,) int8 of ROLE_* ids; ``weights`` (C,) float32, or None until weights are assigned.
+    Prompt tokens are never scored, so only completion tokens carry roles and weights.
+    """
+
+    prompt_ids: np.ndarray
+    completion_ids: np.ndarray
+    roles: np.ndarray
+    weights: np.ndarray | None = None
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        """(P + C,) int64: the sequence the model is trained on."""
+        return np.concatenate([self.prompt_ids, self.completion_ids])
+
+    @property
+    def full_roles(self) -> np.ndarray:
+        """(P + C,) int8: ROLE_PROMPT over the prompt, then the completion roles."""
+        return np.concatenate([np.full(len(self.prompt_ids), ROLE_PROMPT, dtype=np.int8), self.roles])
+
+
+@dataclass
+class TokenizedPairGroup:
+    """One prompt with its chosen completion and k rejected completions (k pairs sharing the prompt).
+
+    ``chosen.weights`` use the union of the chosen-side diff masks over the k alignments: a chosen token
+    gets ``w_diff`` if it differs from *any* rejected completion, so one weight vector serves all k pairs
+    (one chosen segment in a shared-prefix batch). The released training code scores each pair on its
+    own, so its chosen weights differ per pair; ``chosen_pair_weights`` (k, C) holds those, for a loss
+    that wants exact per-pair parity (same log-probs, k weighted sums over the chosen segment).
+    ``rejected[j].weights`` use the rejected-side mask of alignment j.
+    """
+
+    chosen: TokenizedCompletion
+    rejected: list[TokenizedCompletion]
+    chosen_pair_weights: np.ndarray
+    chosen_diff_masks: list[np.ndarray] = field(default_factory=list)  # per pair, each (C,) bool
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return self.chosen.prompt_ids
+
+
+def _require_fast(tokenizer) -> None:
+    # Slow (pure-Python) tokenizers accept return_offsets_mapping but silently return no offsets.
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: token roles need character offsets "
+            "(return_offsets_mapping), which only fast tokenizers (PreTrainedTokenizerFast / "
+            "TokenizersBackend) provide; load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+
+
+def end_of_turn_id(tokenizer, end_of_turn: str | None = None) -> int:
+    """Id of the token that ends an assistant turn: ``end_of_turn`` if given, else the EOS token."""
+    token = end_of_turn if end_of_turn is not None else tokenizer.eos_token
+    if token is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no eos_token; pass end_of_turn= the token that ends an "
+            "assistant turn in its chat template"
+        )
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"end-of-turn text {token!r} is {len(ids)} tokens for {type(tokenizer).__name__}; "
+            "it must be one (special) token"
+        )
+    return int(ids[0])
+
+
+def _roles_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int, str]]) -> np.ndarray:
+    """(T,) int8 role per token from its (start, end) character offsets and the value ranges."""
+    roles = np.full(len(offsets), ROLE_SCAFFOLD, dtype=np.int8)
+    value_ranges = [(vs, ve, ROLE_BY_NAME[name]) for vs, ve, name in spans if ve > vs]
+    for t, (s, e) in enumerate(offsets):
+        for vs, ve, role in value_ranges:
+            inside = (vs <= s < ve) if s == e else (s < ve and e > vs)
+            if inside:
+                roles[t] = role
+                break
+    return roles
+
+
+def _tokenize_body(tokenizer, completion_text: str, eot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) int64 ids of the completion plus end-of-turn, and their (C,) int8 roles."""
+    enc = tokenizer(completion_text, add_special_tokens=False, return_offsets_mapping=True)
+    roles = _roles_from_offsets(enc["offset_mapping"], value_spans(completion_text))
+    ids = np.asarray(list(enc["input_ids"]) + [eot], dtype=np.int64)
+    return ids, np.concatenate([roles, np.array([ROLE_SCAFFOLD], dtype=np.int8)])
+
+
+def tokenize_completion(
+    tokenizer, prompt_text: str, completion_text: str, end_of_turn: str | None = None
+) -> TokenizedCompletion:
+    """Token ids of prompt and completion, and a role per completion token (module docstring).
+
+    ``prompt_text`` must already be chat-formatted with the generation prompt; ``completion_text`` is
+    the JSON the model must produce, without the end-of-turn token (it is appended here).
+    """
+    _require_fast(tokenizer)
+    eot = end_of_turn_id(tokenizer, end_of_turn)
+    prompt_ids = np.asarray(tokenizer(prompt_text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    completion_ids, roles = _tokenize_body(tokenizer, completion_text, eot)
+    return TokenizedCompletion(prompt_ids=prompt_ids, completion_ids=completion_ids, roles=roles)
+
+
+def token_weights(roles: np.ndarray, cfg: TokenWeightConfig, diff_mask: np.ndarray | None = None) -> np.ndarray:
+    """(T,) float32 weights: ``cfg.role_weight(role)``, times ``cfg.w_diff`` where ``diff_mask`` is true.
+
+    ``roles`` (T,) ROLE_* ids; ROLE_PROMPT tokens get weight 0 (never scored, even where masked).
+    ``diff_mask`` (T,) bool or None.
+    """
+    roles = np.asarray(roles)
+    by_role = {r: cfg.role_weight(r) for r in (ROLE_SCAFFOLD, ROLE_CODE, ROLE_SUBCODE, ROLE_SPAN)}
+    by_role[ROLE_PROMPT] = 0.0
+    unknown = sorted(set(np.unique(roles).tolist()) - set(by_role))
+    if unknown:
+        raise ValueError(f"token_weights: unknown role id(s) {unknown}")
+    weights = np.zeros(roles.shape, dtype=np.float64)
+    for role, w in by_role.items():
+        weights[roles == role] = w
+    if diff_mask is not None:
+        diff_mask = np.asarray(diff_mask, dtype=bool)
+        if diff_mask.shape != roles.shape:
+            raise ValueError(f"token_weights: diff_mask shape {diff_mask.shape} != roles shape {roles.shape}")
+        weights = np.where(diff_mask, weights * cfg.w_diff, weights)
+    return weights.astype(np.float32)
+
+
+def diff_masks(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(len(chosen),) and (len(rejected),) bool masks of tokens that differ on a token alignment.
+
+    Alignment: ``difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()`` over token ids;
+    replace/delete/insert opcodes mark their tokens on each side, ``equal`` marks none. autojunk is off
+    because frequent JSON tokens (quotes, keys) would otherwise be treated as junk and misaligned.
+    """
+    a = [int(t) for t in chosen_ids]
+    b = [int(t) for t in rejected_ids]
+    chosen_mask = np.zeros(len(a), dtype=bool)
+    rejected_mask = np.zeros(len(b), dtype=bool)
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            chosen_mask[i1:i2] = True
+            rejected_mask[j1:j2] = True
+    return chosen_mask, rejected_mask
+
+
+def tokenize_pair_group(
+    tokenizer,
+    prompt_text: str,
+    chosen_text: str,
+    rejected_texts: Sequence[str],
+    cfg: TokenWeightConfig,
+    end_of_turn: str | None = None,
+) -> TokenizedPairGroup:
+    """Tokenize one prompt with its chosen and k rejected completions, roles and weights included.
+
+    Diff masks align each rejected completion with the chosen one (completion tokens only; the shared
+    prompt is never compared). See :class:`TokenizedPairGroup` for how the chosen weights combine k pairs.
+    """
+    if not rejected_texts:
+        raise ValueError("tokenize_pair_group: needs at least one rejected completion")
+    chosen = tokenize_completion(tokenizer, prompt_text, chosen_text, end_of_turn)
+    eot = end_of_turn_id(tokenizer, end_of_turn)
+    rejected = []
+    for text in rejected_texts:  # the prompt is tokenized once and shared
+        ids, roles = _tokenize_body(tokenizer, text, eot)
+        rejected.append(TokenizedCompletion(prompt_ids=chosen.prompt_ids, completion_ids=ids, roles=roles))
+    chosen_masks = []
+    for rej in rejected:
+        chosen_mask, rejected_mask = diff_masks(chosen.completion_ids, rej.completion_ids)
+        chosen_masks.append(chosen_mask)
+        rej.weights = token_weights(rej.roles, cfg, rejected_mask)
+    chosen.weights = token_weights(chosen.roles, cfg, np.logical_or.reduce(chosen_masks))
+    pair_weights = np.stack([token_weights(chosen.roles, cfg, m) for m in chosen_masks])
+    return TokenizedPairGroup(chosen=chosen, rejected=rejected, chosen_pair_weights=pair_weights,
+                              chosen_diff_masks=chosen_masks)
