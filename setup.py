@@ -6,6 +6,40 @@ Because that needs torch at build time, install with ``pip install --no-build-is
 back to the Triton/torch implementations with one warning.
 """
 
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+# One translation unit: CI compiles on two cores and torch/extension.h dominates compile time.
+CPP_SOURCES = ["csrc/pvfast_ops.cpp"]
+
+
+def _log(message: str) -> None:
+    print(f"pvfast setup.py: {message}", file=sys.stderr)
+
+
+def cpp_extension_kwargs() -> dict:
+    """``ext_modules``/``cmdclass`` for ``setup()``, or nothing when the C++ build is skipped."""
+    if os.environ.get("PVFAST_SKIP_CPP_BUILD", "0") == "1":
+        _log("PVFAST_SKIP_CPP_BUILD=1: not building the C++ extension pvfast._C")
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        _log(f"torch is not importable at build time ({exc}); not building pvfast._C. "
+             "Install torch first, then `pip install --no-build-isolation -e .` "
+             "(an isolated build environment has no torch).")
+        return {}
+    # Apple clang has no -fopenmp; there the pragmas are ignored and the ops run on one thread.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    extension = CppExtension(
+        name="pvfast._C",
+        sources=CPP_SOURCES,
+        extra_compile_args=["-O3", *openmp],
+        extra_link_args=openmp,
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**cpp_extension_kwargs())
