@@ -85,7 +85,6 @@ class ParseResult:
         return len(self.errors)
 
 
-_OBJECT_RE = re.compile(r"\{[^{}]*\}", re.S)
 _FIELD_RE = re.compile(
     r"""["'](?P<key>Code|Sub-code|Span)["']\s*:\s*(?:"(?P<dq>(?:[^"\\]|\\.)*)"|'(?P<sq>(?:[^'\\]|\\.)*)')""",
     re.S | re.I,
@@ -158,6 +157,43 @@ def _loose_object(chunk: str) -> dict | None:
     return fields or None
 
 
+def _leaf_objects(body: str) -> tuple[list[tuple[int, int]], bool]:
+    """``(start, end)`` of every closed ``{...}`` holding no nested object, and whether the text ends
+    inside an unclosed object (truncated output).
+
+    Braces inside quoted strings are text, not structure, so a span like ``"a {b} c"`` stays inside its
+    triple. Quotes count only inside an object: an apostrophe in prose around the JSON opens nothing.
+    """
+    leaves: list[tuple[int, int]] = []
+    open_objects: list[list] = []  # [start, has_nested_object] per unclosed "{"
+    quote: str | None = None
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 1  # skip the escaped character
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'" and open_objects:
+            quote = ch
+        elif ch == "{":
+            if open_objects:
+                open_objects[-1][1] = True
+            open_objects.append([i, False])
+        elif ch == "}" and open_objects:
+            start, nested = open_objects.pop()
+            if not nested:
+                leaves.append((start, i + 1))
+        i += 1
+    return leaves, bool(open_objects)
+
+
+def _is_empty_wrapper(obj: dict) -> bool:
+    """``{"results": []}`` met by the tolerant path (e.g. followed by stray text): no triple, no error."""
+    return set(obj) == {"results"} and obj["results"] == []
+
+
 def parse_output(text: str) -> ParseResult:
     """Parse one model output into canonical annotations; never raises on bad text."""
     result = ParseResult()
@@ -168,17 +204,18 @@ def parse_output(text: str) -> ParseResult:
             _to_annotation(item, f"results[{idx}]", result)
         return result
     body = text.split(STOP_TEXT, 1)[0]
-    objects = list(_OBJECT_RE.finditer(body))
-    for idx, m in enumerate(objects):
-        obj = _loose_object(m.group(0))
+    leaves, truncated = _leaf_objects(body)
+    for idx, (start, end) in enumerate(leaves):
+        obj = _loose_object(body[start:end])
         if obj is None:
             result.errors.append(f"object {idx}: not readable as a triple")
             continue
+        if _is_empty_wrapper(obj):
+            continue
         _to_annotation(obj, f"object {idx}", result)
-    # A trailing, unterminated object (truncated generation) is a format error, not a triple.
-    tail = body[objects[-1].end():] if objects else body
-    if _FIELD_RE.search(tail):
-        result.errors.append("truncated: an unterminated triple at the end was dropped")
-    if not objects and not result.errors:
+    # Truncated generation: whatever sits in the unclosed object is a format error, not a triple.
+    if truncated:
+        result.errors.append("truncated: the output ends inside an unclosed object (its content was dropped)")
+    if not leaves and not result.errors:
         result.errors.append("no JSON object found")
     return result
