@@ -56,7 +56,8 @@ def _logits_tile(H_ptr, W_ptr, offs_n, rows_live, offs_v, mask_v, HID, stride_hn
         mask_h = offs_h < HID
         h = tl.load(H_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
                     mask=rows_live[:, None] & mask_h[None, :], other=0.0)
-        w = tl.load(W_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+        # int64 row offsets: V·H passes 2^31 for large vocabularies times wide models.
+        w = tl.load(W_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
                     mask=mask_v[:, None] & mask_h[None, :], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
@@ -135,7 +136,7 @@ def _linear_token_logprobs_bwd_hidden_kernel(
         for h0 in range(0, HID, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < HID
-            w = tl.load(W_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+            w = tl.load(W_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
                         mask=mask_v[:, None] & mask_h[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)

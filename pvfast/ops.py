@@ -157,8 +157,9 @@ def _resolve_impl(impl: str, device: torch.device, op: str) -> str:
         raise RuntimeError(f"{op}: impl='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 "
                            f"set before triton is imported")
     if impl == "cpp" and _cpp_module() is None:
-        raise RuntimeError(f"{op}: impl='cpp' but the C++ extension pvfast._C is not available "
-                           f"(build it with `pip install --no-build-isolation -e .`)")
+        raise RuntimeError(f"{op}: impl='cpp' but the C++ extension pvfast._C is not available (not built, "
+                           f"or switched off by PVFAST_DISABLE_CPP=1; build it with "
+                           f"`pip install --no-build-isolation -e .`)")
     return impl
 
 

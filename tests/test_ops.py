@@ -1,0 +1,220 @@
+"""Public ops (pvfast.ops): every backend against float64 references, dispatch, and input errors.
+
+Backends: "torch" (chunked reference), "triton" (interpreter on the CPU), "auto", and "cpp" when the
+extension pvfast._C is built. Allocations are NaN-poisoned (fixture from test_kernels_triton).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pvfast import ops
+from pvfast.stats import NUM_STATS, segment_stats_reference
+from test_kernels_triton import (DTYPES, IGNORE, assert_close_to_fp64, linear_inputs,  # noqa: F401
+                                 poisoned_allocations, random_targets, random_upstream, reference_logprobs,
+                                 segment_inputs)
+
+CPP_BUILT = ops._cpp_module() is not None
+IMPLS = ["torch", "triton", "auto",
+         pytest.param("cpp", marks=pytest.mark.skipif(not CPP_BUILT, reason="pvfast._C is not built"))]
+
+
+@pytest.fixture(autouse=True)
+def small_torch_chunks(monkeypatch):
+    """Several chunks per call in the torch reference (N = 41 → 3 chunks, the last one partial)."""
+    monkeypatch.setattr(ops, "TORCH_CHUNK_TOKENS", 16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_token_logprobs(impl, dtype_name):
+    dtype = DTYPES[dtype_name]
+    n, v = 41, 1271
+    gen = torch.Generator().manual_seed(101)
+    logits = (torch.randn(n, v, generator=gen) * 3).to(dtype)
+    targets = random_targets(n, v, gen)
+    upstream = random_upstream(n, gen)
+
+    ours_in = logits.clone().requires_grad_()
+    ours = ops.token_logprobs(ours_in, targets, impl=impl)
+    ours.backward(upstream.float())
+    ref_in = logits.double().requires_grad_()
+    ref = reference_logprobs(ref_in, targets)
+    ref.backward(upstream)
+    same_in = logits.clone().requires_grad_()
+    reference_logprobs(same_in, targets).backward(upstream.to(dtype))
+
+    assert ours.dtype == torch.float32 and ours_in.grad.dtype == dtype
+    assert_close_to_fp64(ours, ref, None, torch.float32, "logp")
+    assert_close_to_fp64(ours_in.grad, ref_in.grad, same_in.grad, dtype, "grad_logits")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype_name,weight_grad", [("fp32", True), ("bf16", False)])
+def test_linear_token_logprobs(impl, dtype_name, weight_grad):
+    dtype = DTYPES[dtype_name]
+    hidden, weight, targets, upstream = linear_inputs(41, 1271, 96, dtype, seed=102)
+
+    h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
+    ours = ops.linear_token_logprobs(h_in, w_in, targets, impl=impl)
+    ours.backward(upstream.float())
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    reference_logprobs(h64 @ w64.T, targets).backward(upstream)
+    ref = reference_logprobs(hidden.double() @ weight.double().T, targets)
+    h_same, w_same = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference_logprobs(h_same @ w_same.T, targets).backward(upstream.to(dtype))
+
+    assert_close_to_fp64(ours, ref, None, torch.float32, "logp")
+    assert_close_to_fp64(h_in.grad, h64.grad, h_same.grad, dtype, "grad_hidden")
+    if weight_grad:
+        assert_close_to_fp64(w_in.grad, w64.grad, w_same.grad, dtype, "grad_weight")
+    else:
+        assert w_in.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_segment_scores(impl):
+    n, m, tau = 300, 7, 0.25
+    gen = torch.Generator().manual_seed(103)
+    logp64 = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
+    weights, segment_ids, grad_stats = segment_inputs(n, m, gen)
+
+    logp = logp64.float().requires_grad_()
+    stats = ops.segment_scores(logp, weights.float(), segment_ids, m, tau, impl=impl)
+    (stats * grad_stats.float()).sum().backward()
+    ref_in = logp64.clone().requires_grad_()
+    ref = segment_stats_reference(ref_in, weights, segment_ids, m, tau)
+    (ref * grad_stats).sum().backward()
+
+    assert stats.shape == (m, NUM_STATS) and stats.dtype == torch.float32
+    torch.testing.assert_close(stats.double(), ref.detach(), atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(logp.grad.double(), ref_in.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_segment_scores(impl):
+    n, v, h, m, tau = 41, 1271, 96, 5, 0.2
+    hidden, weight, targets, _ = linear_inputs(n, v, h, torch.float32, seed=104)
+    weights, segment_ids, grad_stats = segment_inputs(n, m, torch.Generator().manual_seed(105))
+    segment_ids[targets == IGNORE] = -1
+
+    h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    stats = ops.linear_segment_scores(h_in, w_in, targets, weights.float(), segment_ids, m, tau, impl=impl)
+    (stats * grad_stats.float()).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = segment_stats_reference(reference_logprobs(h64 @ w64.T, targets), weights, segment_ids, m, tau)
+    (ref * grad_stats).sum().backward()
+
+    assert_close_to_fp64(stats, ref.detach(), None, torch.float32, "stats")
+    assert (stats[m - 1] == 0).all()
+    assert_close_to_fp64(h_in.grad, h64.grad, None, torch.float32, "grad_hidden")
+    assert_close_to_fp64(w_in.grad, w64.grad, None, torch.float32, "grad_weight")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored_and_unscored(impl):
+    hidden, weight, _, upstream = linear_inputs(20, 200, 32, torch.float32, seed=106)
+    targets = torch.full((20,), IGNORE)
+    h_in = hidden.clone().requires_grad_()
+    logp = ops.linear_token_logprobs(h_in, weight, targets, impl=impl)
+    logp.backward(upstream.float())
+    assert (logp == 0).all() and (h_in.grad == 0).all()
+
+    logits = (hidden @ weight.T).requires_grad_()
+    logp = ops.token_logprobs(logits, targets, impl=impl)
+    logp.backward(upstream.float())
+    assert (logp == 0).all() and (logits.grad == 0).all()
+
+    live_targets = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(107))
+    h_in = hidden.clone().requires_grad_()
+    stats = ops.linear_segment_scores(h_in, weight, live_targets, torch.rand(20) + 0.1,
+                                      torch.full((20,), -1), 2, 0.5, impl=impl)
+    (stats * torch.randn(2, NUM_STATS)).sum().backward()
+    assert (stats == 0).all() and (h_in.grad == 0).all()
+
+
+def test_large_vocab_torch_and_triton_agree_with_fp64():
+    n, v = 3, 70_001
+    gen = torch.Generator().manual_seed(108)
+    logits = torch.randn(n, v, generator=gen) * 2
+    targets = torch.tensor([v - 1, IGNORE, 65_536])
+    ref = reference_logprobs(logits.double(), targets)
+    for impl in ("torch", "triton"):
+        torch.testing.assert_close(ops.token_logprobs(logits, targets, impl=impl).double(), ref,
+                                   atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------
+def test_auto_on_cpu_prefers_cpp_then_interpreter_then_torch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ops, "_cpp_module", lambda: ops.TorchBackend)  # stands in for a built extension
+    assert ops._resolve_impl("auto", cpu, "op") == "cpp"
+    monkeypatch.setattr(ops, "_cpp_module", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops._resolve_impl("auto", cpu, "op") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops._resolve_impl("auto", cpu, "op") == "torch"
+    assert ops._resolve_impl("auto", torch.device("cuda"), "op") == "triton"
+
+
+def test_cpp_path_uses_backend_signatures(monkeypatch):
+    # A stand-in with the extension's function names checks the wiring of the cpp path (grad_weight as an
+    # empty tensor when not needed), whether or not the real extension is built here.
+    monkeypatch.setattr(ops, "_cpp_module", lambda: ops.TorchBackend)
+    hidden, weight, targets, upstream = linear_inputs(9, 50, 8, torch.float32, seed=109)
+    h_in = hidden.clone().requires_grad_()
+    ops.linear_token_logprobs(h_in, weight, targets, impl="cpp").backward(upstream.float())
+    h64 = hidden.double().requires_grad_()
+    reference_logprobs(h64 @ weight.double().T, targets).backward(upstream)
+    torch.testing.assert_close(h_in.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
+    assert weight.grad is None
+
+
+def test_unavailable_backends_raise(monkeypatch):
+    logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, IGNORE])
+    monkeypatch.setattr(ops, "_cpp_module", lambda: None)
+    with pytest.raises(RuntimeError, match=r"pvfast\._C"):
+        ops.token_logprobs(logits, targets, impl="cpp")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops.token_logprobs(logits, targets, impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.token_logprobs(logits, targets, impl="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input errors
+# ---------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, IGNORE])
+    with pytest.raises(ValueError, match=r"logits must be \(N, V\)"):
+        ops.token_logprobs(logits[0], targets)
+    with pytest.raises(ValueError, match=r"targets must be \(N,\)"):
+        ops.token_logprobs(logits, targets[:3])
+    with pytest.raises(TypeError, match="logits must be float32/float16/bfloat16"):
+        ops.token_logprobs(logits.long(), targets)
+    with pytest.raises(TypeError, match="targets must be int32 or int64"):
+        ops.token_logprobs(logits, targets.float())
+    with pytest.raises(ValueError, match="targets on meta"):
+        ops.token_logprobs(logits, targets.to("meta"))
+
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        ops.linear_token_logprobs(hidden, weight[:, :6], targets)
+    with pytest.raises(TypeError, match="share a float32/float16/bfloat16 dtype"):
+        ops.linear_token_logprobs(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="different devices"):
+        ops.linear_token_logprobs(hidden, weight.to("meta"), targets)
+
+    logp, weights, segment_ids = -torch.rand(4), torch.rand(4), torch.tensor([0, 0, 1, -1])
+    with pytest.raises(ValueError, match=r"weights and segment_ids must be \(4,\)"):
+        ops.segment_scores(logp, weights[:3], segment_ids, 2, 0.5)
+    with pytest.raises(TypeError, match="segment_ids must be int32 or int64"):
+        ops.segment_scores(logp, weights, segment_ids.float(), 2, 0.5)
+    with pytest.raises(ValueError, match=r"tau must be in \(0, 1\]"):
+        ops.segment_scores(logp, weights, segment_ids, 2, 1.5)
+    with pytest.raises(ValueError, match=r"weights and segment_ids must be \(4,\)"):
+        ops.linear_segment_scores(hidden, weight, targets, weights, segment_ids[:2], 2, 0.5)
