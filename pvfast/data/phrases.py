@@ -1,0 +1,447 @@
+"""Phrase banks for the synthetic PV-Miner corpus: one bank of sentences per (direction, Code, Sub-code).
+
+Every sentence is written in the voice of its direction: ``"N"`` banks are patients writing to their
+care team, ``"Y"`` banks are providers writing to a patient. All names, drugs and numbers are invented
+and filled in from :data:`SLOT_VALUES` (``{med}``, ``{doctor}``, ...); one set of slot values is drawn per
+message, so a message talks about one doctor and one medication throughout.
+
+Span marking: the annotated span of a sentence is the part inside ``[...]``; a sentence without brackets
+is annotated whole, minus its final punctuation. Brackets never reach the message text.
+
+The banks are data, not logic: :mod:`pvfast.data.synth` checks at import that every label allowed in a
+direction has a bank.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+PATIENT = "N"
+PROVIDER = "Y"
+
+#: Slot name -> the values a message may draw for it.
+SLOT_VALUES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "doctor": ("Patel", "Nguyen", "Garcia", "Kim", "Okafor", "Rossi", "Cohen", "Shah", "Lopez", "Brennan",
+               "Adeyemi", "Novak"),
+    "doctor2": ("Hartman", "Iyer", "Moreno", "Fischer", "Wallace", "Tanaka"),
+    "nurse": ("Jen", "Marcus", "Priya", "Carla", "Sam", "Denise"),
+    "patient": ("Maria", "James", "Linda", "Ahmed", "Grace", "Tom", "Rosa", "Kevin", "Aisha", "Dorothy",
+                "Luis", "Beth", "Walter", "Mei"),
+    "patient_last": ("Thompson", "Alvarez", "Brooks", "Chen", "Dubois", "Evans", "Farouk", "Gomez",
+                     "Hughes", "Jensen"),
+    "med": ("metformin", "lisinopril", "atorvastatin", "insulin", "levothyroxine", "amlodipine",
+            "sertraline", "gabapentin", "prednisone", "albuterol inhaler", "losartan", "omeprazole"),
+    "med2": ("glipizide", "hydrochlorothiazide", "rosuvastatin", "duloxetine", "meloxicam", "carvedilol"),
+    "dose": ("500 mg", "10 mg", "20 mg", "25 mcg", "40 mg", "5 mg", "1000 mg"),
+    "condition": ("diabetes", "blood pressure", "asthma", "back pain", "migraines", "thyroid",
+                  "cholesterol", "knee pain", "COPD", "acid reflux"),
+    # Mass nouns only: they read right after "having", "the" and "my" in both voices.
+    "symptom": ("dizziness", "ankle swelling", "nausea", "chest tightness", "numbness in the feet",
+                "heartburn", "muscle cramping", "shortness of breath", "joint pain", "fatigue"),
+    "test": ("blood work", "A1c", "MRI", "colonoscopy", "mammogram", "CT scan", "ultrasound",
+             "lipid panel", "X-ray", "sleep study"),
+    "specialist": ("cardiologist", "endocrinologist", "physical therapist", "dermatologist",
+                   "sleep clinic", "orthopedic surgeon", "nutritionist", "neurologist"),
+    "pharmacy": ("CVS", "Walgreens", "the Rite Aid", "the hospital pharmacy", "the mail-order pharmacy"),
+    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday"),
+    "time": ("morning", "evening", "bedtime", "lunchtime"),
+    "reading": ("182", "145", "210", "96", "167", "250"),
+    "bp": ("152/94", "160/100", "138/88", "170/96", "148/92"),
+    "a1c": ("7.9", "8.4", "6.8", "9.1", "7.2"),
+    "weeks": ("two", "three", "four", "six"),
+})
+
+# --- Patient -> provider ("N") -------------------------------------------------------------------------
+
+_PATIENT_BANKS = {
+    ("PartnershipPatient", "salutation"): (
+        "Hi Dr. {doctor},", "Hello Dr. {doctor},", "Good morning Dr. {doctor},", "Dear Dr. {doctor},",
+        "Hi there,", "Hello,", "Good afternoon,", "Dear Dr. {doctor} and team,", "Hi {nurse},",
+        "Hey Dr. {doctor},", "Good evening Dr. {doctor},", "To Dr. {doctor}'s nurse,",
+    ),
+    ("PartnershipPatient", "signoff"): (
+        "Best, {patient}", "Sincerely, {patient} {patient_last}", "Regards, {patient}", "Take care, {patient}",
+        "- {patient}", "Warm regards, {patient}", "Respectfully, {patient} {patient_last}",
+        "Have a good day, {patient}", "Talk soon, {patient}", "Kind regards, {patient} {patient_last}",
+    ),
+    ("PartnershipPatient", "Clinical Care"): (
+        "My blood sugar was {reading} this morning even after taking the {med}.",
+        "I have been having {symptom} since I started the {med}.",
+        "The {med} {dose} seems to be making me tired all day.",
+        "My {condition} has been worse this week and I am not sure if I should increase the dose.",
+        "I checked my blood pressure and [it was {bp} this morning].",
+        "Since the {test} I have had {symptom} on and off.",
+        "I ran out of my {med} on {day} and need a refill.",
+        "The swelling in my knee went down but it still hurts when I climb stairs.",
+        "I've been having {symptom} at night and it keeps me up.",
+        "Is it normal to still have {symptom} two weeks after the procedure?",
+        "My {test} results came back and [my numbers look higher than last time].",
+        "I stopped taking the {med} because of the side effects.",
+        "Last night [my chest felt tight after walking up the hill], but it passed after a few minutes.",
+        "The rash on my arm is spreading and it itches a lot.",
+        "I am still coughing at night even with the {med}.",
+        "My A1c went up to {a1c} and I don't know why.",
+    ),
+    ("PartnershipPatient", "activeParticipation/involvement"): (
+        "I've been [logging my blood sugar every morning] like you suggested.",
+        "I started walking 30 minutes a day after dinner.",
+        "I cut back on salt and have been reading food labels.",
+        "I made a list of questions to bring to my next appointment.",
+        "I've been taking the {med} every {time} without missing a dose.",
+        "I read the handout about {condition} that you gave me.",
+        "I scheduled my {test} for {day} through the portal.",
+        "I've been doing the stretches from physical therapy twice a day.",
+        "I am [keeping a journal of my {symptom}] so we can look for a pattern.",
+        "I downloaded an app to track my blood pressure readings.",
+        "I want to do whatever I can to get my {condition} under control.",
+        "I bought a home blood pressure cuff and will send you my readings every week.",
+        "I've switched to water instead of soda since our last visit.",
+        "I looked up the side effects of the {med} so I know what to watch for.",
+    ),
+    ("PartnershipPatient", "expressOpinions"): (
+        "I don't think the {med} is working for me.",
+        "Honestly I feel like the new dose is too strong.",
+        "I think my {symptom} is related to stress more than anything.",
+        "In my opinion [the physical therapy has helped more than the pills].",
+        "I feel the last visit was rushed and my concerns were not addressed.",
+        "I believe the {symptom} started when the dose was changed.",
+        "I'm not convinced I need another {test} so soon.",
+        "To me it seems like the {med} makes the {symptom} worse.",
+        "I think the old medication worked better.",
+    ),
+    ("PartnershipPatient", "statePreferences"): (
+        "I would prefer to [try physical therapy before surgery].",
+        "I'd rather not take another medication if I can avoid it.",
+        "I prefer morning appointments because of my work schedule.",
+        "I would like to do a video visit instead of coming in.",
+        "Please call me rather than sending a letter.",
+        "I'd prefer a generic version if there is one.",
+        "If possible I want to keep the {med} at the current dose.",
+        "I would rather have the {test} done at the clinic closer to home.",
+    ),
+    ("PartnershipPatient", "Appreciation/Gratitude"): (
+        "Thank you so much for getting back to me so quickly.",
+        "I really appreciate all your help with my {condition}.",
+        "Thanks for taking the time to explain everything at my visit.",
+        "I'm so grateful for the care your team has given me.",
+        "Thank you for calling in the prescription.",
+        "Thanks for your patience with all my questions.",
+        "I appreciate you squeezing me in on {day}.",
+        "[Thank you, {nurse}], for helping me with the forms.",
+    ),
+    ("PartnershipPatient", "connection"): (
+        "I hope you had a nice holiday.",
+        "I hope you and your family are doing well.",
+        "It was good to see you at my last visit.",
+        "Congratulations on the new baby!",
+        "I hope your week is going well.",
+        "Hope you're staying warm in this weather.",
+        "I hope you enjoyed your vacation.",
+    ),
+    ("PartnershipPatient", "alignment"): (
+        "I agree with the plan we talked about.",
+        "That makes sense to me.",
+        "I'm on board with trying the lower dose first.",
+        "Yes, I think that's the right approach.",
+        "Sounds good, I'll go with what you recommended.",
+        "We're on the same page about cutting back the {med}.",
+        "I understand why we need to wait for the {test} results.",
+    ),
+    ("PartnershipPatient", "build trust"): (
+        "I trust your judgment on this.",
+        "You've always been honest with me, so I feel comfortable asking.",
+        "I feel like I can tell you anything.",
+        "I'm glad I have a doctor who really listens.",
+        "I know you have my best interests at heart.",
+        "I've told my whole family how much I trust your team.",
+    ),
+    ("SharedDecisionPatient", "ApprovalofDecision/Reinforcement"): (
+        "I'm glad we decided to switch to the {med}.",
+        "Going with the lower dose was the right call.",
+        "I'm happy with the decision to hold off on surgery.",
+        "Switching to the {time} dose was a good decision.",
+        "I think stopping the {med} was the right choice.",
+    ),
+    ("SharedDecisionPatient", "ExploreOptions"): (
+        "What are my options besides the {med}?",
+        "Are there other treatments for my {condition} I could try?",
+        "Could I try physical therapy instead of injections?",
+        "Is there a non-medication option for my {symptom}?",
+        "What would happen if I waited a few months before the {test}?",
+        "Are there any alternatives to surgery?",
+        "Would a different brand of {med} be an option?",
+    ),
+    ("SharedDecisionPatient", "SeekingApproval"): (
+        "Is it okay if I stop the {med} for a few days?",
+        "Would it be all right to take ibuprofen with the {med}?",
+        "Can I go back to the gym next week?",
+        "Is it safe for me to travel before the {test}?",
+        "Is it fine if I cut the pill in half?",
+        "Should I go ahead and take the extra dose?",
+        "Is it fine if I skip the {time} dose when I'm fasting?",
+        "Do I have your okay to start the new diet?",
+    ),
+    ("CareCoordinationPatient", "None"): (
+        "Can you send the referral to the {specialist}?",
+        "Please fax my records to {pharmacy}.",
+        "I need a prior authorization for the {med} sent to my insurance.",
+        "Could someone call the {specialist}'s office to get my appointment moved up?",
+        "Please send the prescription to {pharmacy} on Main Street.",
+        "Can you forward my {test} results to Dr. {doctor2}?",
+        "The {specialist} said they never received the referral.",
+        "I need my disability paperwork filled out and faxed to my employer.",
+        "Can you [move my follow-up to {day}] since I have the {test} that morning?",
+    ),
+    ("SocioEmotionalBehaviour", "None"): (
+        "I'm really scared about what the {test} might show.",
+        "I've been feeling so overwhelmed lately.",
+        "Honestly [I've been pretty down since the diagnosis].",
+        "I'm frustrated that nothing seems to help.",
+        "I'm worried I'm getting worse.",
+        "This whole thing has been really stressful for me and my family.",
+        "I cried after I read the results.",
+        "I feel anxious every time I check my blood sugar.",
+        "I'm so relieved the results were normal.",
+    ),
+    ("SDOH", "EconomicStability"): (
+        "I lost my job last month and [I can't afford the copay].",
+        "The {med} costs more than I can pay this month.",
+        "I have to choose between paying rent and buying my medications.",
+        "Money is tight since my hours were cut.",
+        "I'm behind on my bills and worried about the hospital statement.",
+        "We're living on my husband's disability check right now.",
+        "I can't take unpaid time off work for another appointment.",
+    ),
+    ("SDOH", "EducationAccessAndQuality"): (
+        "I have trouble reading the instructions on the bottle.",
+        "English is not my first language so [the letters are hard to understand].",
+        "I never finished high school and some of the medical words are confusing.",
+        "I'm taking night classes so I can only come in after six.",
+    ),
+    ("SDOH", "HealthCareAccessAndQuality"): (
+        "I couldn't get an appointment for another three months.",
+        "My insurance won't cover the {med}.",
+        "The pharmacy says the {med} is on backorder.",
+        "I've been on hold with the scheduling line for an hour.",
+        "I don't have a primary care doctor since mine retired.",
+        "The nearest {specialist} that takes my insurance is two hours away.",
+        "I lost my insurance when I changed jobs.",
+        "The after-hours line never called me back.",
+    ),
+    ("SDOH", "NeighborhoodAndBuiltEnvironment"): (
+        "There's no safe place to walk in my neighborhood.",
+        "The closest grocery store with fresh food is miles away.",
+        "Our apartment has mold and [I think it's making my asthma worse].",
+        "The heat in our building has been out for a week.",
+        "I don't have a car and the bus doesn't go to the clinic.",
+        "There's construction dust everywhere near my house.",
+    ),
+    ("SDOH", "SocialAndCommunityContext"): (
+        "I live alone and [don't have anyone to drive me home] after the procedure.",
+        "My husband passed away last year and it's just me now.",
+        "I'm taking care of my mother, so it's hard to get away.",
+        "My church group has been bringing me meals.",
+        "My daughter helps me set up my pill box every week.",
+        "I don't really have friends nearby to help.",
+    ),
+}
+
+# --- Provider -> patient ("Y") -------------------------------------------------------------------------
+
+_PROVIDER_BANKS = {
+    ("PartnershipProvider", "salutation"): (
+        "Hi {patient},", "Hello {patient},", "Dear {patient},", "Good morning {patient},",
+        "Dear {patient} {patient_last},", "Hi there {patient},", "Good afternoon {patient},",
+        "Hello Ms. {patient_last},", "Hi {patient}, this is {nurse} from Dr. {doctor}'s office.",
+    ),
+    ("PartnershipProvider", "signoff"): (
+        "Best, Dr. {doctor}", "Sincerely, Dr. {doctor}", "Take care, Dr. {doctor}", "Warmly, {nurse} RN",
+        "Regards, Dr. {doctor} and the care team", "All the best, Dr. {doctor}",
+        "Kind regards, {nurse}, RN care coordinator", "Be well, Dr. {doctor}",
+    ),
+    ("PartnershipProvider", "Clinical Care"): (
+        "Your {test} results look normal.",
+        "Your A1c is {a1c}, which is above our goal.",
+        "Please increase the {med} to {dose} once daily.",
+        "The {symptom} can be a side effect of the {med}.",
+        "Your blood pressure readings are still above 140 over 90.",
+        "Please take the {med} with food to help with the nausea.",
+        "Your potassium was slightly low, so [please eat more bananas and leafy greens].",
+        "If the {symptom} gets worse or you have chest pain, please go to the emergency room.",
+        "Continue the {med} at the same dose for now.",
+        "Your kidney function is stable compared with last year.",
+        "Ice the knee for 20 minutes and keep it raised tonight.",
+        "The {test} showed [a small cyst that is not concerning].",
+    ),
+    ("PartnershipProvider", "Appreciation/Gratitude"): (
+        "Thank you for sending your readings.",
+        "Thanks for letting us know about the {symptom}.",
+        "I appreciate you keeping such careful notes.",
+        "Thank you for your patience while we sorted this out.",
+        "Thanks for the update.",
+        "Thank you for getting your {test} done so quickly.",
+    ),
+    ("PartnershipProvider", "connection"): (
+        "I hope you are feeling better today.",
+        "It was great to see you last week.",
+        "I hope you enjoyed your trip to see your grandchildren.",
+        "I hope you had a restful weekend.",
+        "Good to hear from you.",
+        "I hope your family is doing well.",
+    ),
+    ("PartnershipProvider", "alignment"): (
+        "I agree that we should try the lower dose first.",
+        "That sounds like a reasonable plan to me.",
+        "I think you're right that [the {symptom} is related to the new medication].",
+        "I'm glad we are on the same page about the {test}.",
+        "Your plan to start walking again makes a lot of sense.",
+    ),
+    ("PartnershipProvider", "build trust"): (
+        "Please know that we are here for you.",
+        "You can always reach out to me with any concerns.",
+        "I want to make sure you feel comfortable with every step.",
+        "Your health and safety are my top priority.",
+        "I will personally follow up on this for you.",
+    ),
+    ("PartnershipProvider", "acknowledgePatientExpertiseKnowledge"): (
+        "You know your body best, so tell me if this doesn't feel right.",
+        "You have clearly done a lot of reading on this.",
+        "You've managed your {condition} for years, so your experience matters here.",
+    ),
+    ("PartnershipProvider", "checkingUnderstanding/clarification"): (
+        "Just to clarify, are you taking the {med} once or twice a day?",
+        "Can you tell me more about when the {symptom} started?",
+        "Does that make sense?",
+        "Do you have any questions about the new instructions?",
+        "When you say dizzy, do you mean lightheaded or the room spinning?",
+        "Can you confirm which pharmacy you use?",
+        "To make sure I understood, [the pain is worse in the {time}]?",
+    ),
+    ("PartnershipProvider", "inviteCollabration"): (
+        "Let's work together on a plan that fits your schedule.",
+        "We can decide together at your next visit.",
+        "I'd like us to come up with a plan together for your {condition}.",
+        "Let's figure out the best next step as a team.",
+        "Let's set a goal together for your blood sugar.",
+        "I'd like to hear your ideas so [we can build this plan together].",
+    ),
+    ("PartnershipProvider", "maintainCommunication"): (
+        "Please send me your readings in {weeks} weeks.",
+        "Let me know how you feel after a few days on the new dose.",
+        "Please keep me updated on the {symptom}.",
+        "Feel free to message me if anything changes.",
+        "I will check in with you after the {test}.",
+        "Reply here if you have trouble getting the {med}.",
+    ),
+    ("PartnershipProvider", "requestsForOpinion"): (
+        "What do you think about trying the {med2}?",
+        "How do you feel about starting physical therapy?",
+        "Would you be open to a referral to the {specialist}?",
+        "What are your thoughts on waiting a few weeks before the {test}?",
+        "Which option feels right to you?",
+    ),
+    ("SharedDecisionProvider", "Approval/Reinforcement"): (
+        "You're doing a great job with your diet.",
+        "Keep up the great work with your walking.",
+        "Great job getting your blood pressure down.",
+        "Quitting smoking was an excellent decision.",
+        "Checking your feet every night is exactly the right thing to do.",
+    ),
+    ("SharedDecisionProvider", "MakeDecision"): (
+        "I am going to increase your {med} to {dose}.",
+        "We will hold the {med} until your labs come back.",
+        "I've ordered the {test} so we can look into this.",
+        "Let's stop the {med} and [start {med2} instead].",
+        "We'll switch you to the {time} dose starting tonight.",
+        "I'm referring you to the {specialist} for the next step.",
+    ),
+    ("SharedDecisionProvider", "ShareOptions"): (
+        "One option is to increase the {med}, another is to add {med2}.",
+        "We could try physical therapy or a steroid injection.",
+        "You can either come in for a visit or we can do a video call.",
+        "There are a few choices: [we can watch and wait, or do the {test} now].",
+        "Options include a lower dose or switching to a different medication.",
+    ),
+    ("CareCoordinationProvider", "None"): (
+        "I sent the referral to the {specialist} and they will call you to schedule.",
+        "Your prescription was sent to {pharmacy}.",
+        "I've asked our nurse to call you to set up the {test}.",
+        "I faxed the prior authorization to your insurance today.",
+        "I forwarded your records to Dr. {doctor2}.",
+        "Our scheduler will contact you for a follow-up in three months.",
+        "The lab order is in, so [you can go any time this week].",
+    ),
+    ("SocioEmotionalBehaviour", "None"): (
+        "I'm so sorry you're going through this.",
+        "I understand this has been a very stressful time.",
+        "It's completely normal to feel worried about this.",
+        "I can hear how frustrated you are, and [that's understandable].",
+        "I'm really glad to hear you're feeling better.",
+        "Please don't be hard on yourself.",
+    ),
+    ("SDOH", "EconomicStability"): (
+        "If cost is a concern, [our financial counselor can help with the copay].",
+        "There is a discount program for the {med} if money is tight.",
+        "I've switched you to the generic version since it is much cheaper.",
+        "Our social worker can help you apply for assistance with your bills.",
+    ),
+    ("SDOH", "EducationAccessAndQuality"): (
+        "I've attached the instructions in large print.",
+        "We can have an interpreter join your next visit.",
+        "I can send you a short video that explains how to use the inhaler.",
+    ),
+    ("SDOH", "HealthCareAccessAndQuality"): (
+        "Your insurance requires a prior authorization for the {med}.",
+        "The next available appointment with the {specialist} is in March.",
+        "We have evening hours on Thursdays if that's easier.",
+        "Our clinic now offers telehealth visits.",
+        "Your plan does not cover the {test} without a referral.",
+    ),
+    ("SDOH", "NeighborhoodAndBuiltEnvironment"): (
+        "If the mold in your apartment is affecting your breathing, [we can write a letter to your landlord].",
+        "The community center near you has an indoor walking track.",
+        "Medical transportation can pick you up from home for your appointments.",
+        "A farmers market near the clinic accepts food assistance benefits.",
+    ),
+    ("SDOH", "SocialAndCommunityContext"): (
+        "Is there a family member who can drive you home after the procedure?",
+        "There is a caregiver support group that meets at the clinic.",
+        "It's great that your daughter is helping with your medications.",
+        "Our social worker can connect you with a senior companion program.",
+    ),
+}
+
+#: (direction, Code, Sub-code) -> sentence templates. Codes without sub-codes use ``"None"``.
+PHRASE_BANKS: Mapping[tuple[str, str, str], tuple[str, ...]] = MappingProxyType({
+    **{(PATIENT, code, sub): bank for (code, sub), bank in _PATIENT_BANKS.items()},
+    **{(PROVIDER, code, sub): bank for (code, sub), bank in _PROVIDER_BANKS.items()},
+})
+
+#: Sentences that carry no label: they pad messages to realistic lengths and teach "nothing here".
+FILLER_SENTENCES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    PATIENT: (
+        "I'm writing about my visit last {day}.",
+        "I have a quick question.",
+        "Sorry for the long message.",
+        "I tried calling but the line was busy.",
+        "This is {patient} {patient_last} again.",
+        "I'm attaching a picture.",
+        "I was looking at my chart online.",
+        "My phone number is the same as before.",
+        "My appointment is on {day} at 10.",
+        "I picked up the paperwork from the front desk.",
+        "My son is typing this for me.",
+        "I saw the new message in the portal this morning.",
+    ),
+    PROVIDER: (
+        "I reviewed your chart this morning.",
+        "This is a follow-up to your message from {day}.",
+        "I looked over the information you sent.",
+        "Our office will be closed on Monday for the holiday.",
+        "Please see the details below.",
+        "I spoke with the pharmacist about this.",
+        "I am covering for Dr. {doctor2} this week.",
+        "Your results were posted to the portal today.",
+    ),
+})
