@@ -53,7 +53,8 @@ def refused(path, loader=io.load_examples) -> io.DataError:
 
 def test_round_trip_examples_and_utf8(tmp_path):
     examples = [
-        Example("e1", "N", "J'ai payé 200 € — “merci”", (Annotation("SDOH", "EconomicStability", "payé 200 €"),)),
+        Example("e1", "N", "J'ai payé 200 € — “merci”",
+                (Annotation("SDOH", "EconomicStability", "payé 200 €"),)),
         Example("e2", "Y", 'Quote " and back\\slash', (Annotation("CareCoordinationProvider", "None", "back\\slash"),)),
     ]
     out = tmp_path / "deep" / "dir" / "train.jsonl"
@@ -120,7 +121,8 @@ BAD_SFT_CASES = {
     "sub-code of another code": (_mutate(["annotations", 0, "Sub-code"], "signoff"), "annotations[0].Sub-code",
                                  "sub-code 'signoff' is not valid for code 'SDOH'"),
     "sub-code None for a code with sub-codes": (_mutate(["annotations", 0, "Sub-code"], "None"),
-                                                "annotations[0].Sub-code", "sub-code 'None' is not valid for code 'SDOH'"),
+                                                "annotations[0].Sub-code",
+                                                "sub-code 'None' is not valid for code 'SDOH'"),
     "code not for direction": (_mutate(["direction"], "Y"), "annotations[1].Code",
                                "code 'PartnershipPatient' is not allowed for direction 'Y'"),
     "span not in message": (_mutate(["annotations", 0, "Span"], "cannot  afford the copay"), "annotations[0].Span",

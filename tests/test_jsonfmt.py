@@ -153,3 +153,12 @@ def test_value_spans_on_serialized_and_truncated_text():
     truncated = value_spans(text[:cut])
     assert truncated[-1] == (cut - 4, cut, "subcode")
     assert truncated[:-1] == spans[: len(truncated) - 1]
+
+
+def test_long_unknown_labels_are_described_not_quoted():
+    long_label = "I have been waiting three weeks for a callback"
+    text = json.dumps({"results": [{"Code": long_label, "Sub-code": "None", "Span": "x"},
+                                   {"Code": "SDOH", "Sub-code": long_label, "Span": "x"}]})
+    result = parse_output(text)
+    assert result.errors == [f"results[0]: unknown Code (a string of {len(long_label)} chars)",
+                             f"results[1]: unknown Sub-code (a string of {len(long_label)} chars)"]

@@ -6,7 +6,8 @@ Readers accept these layouts:
   ``{"id": "m1", "direction": "Y", "message": "...", "annotations": [{"Code", "Sub-code", "Span"}, ...]}``.
 * **The published layout**: a Hugging Face dataset saved with ``save_to_disk`` (string columns ``query``
   and ``answer``). Direction and message come from the final ``INPUT: TO_PAT_YN: ...`` / ``Context: ...``
-  block of ``query``; the annotations from ``answer``, which must be strict JSON (a trailing ``JSON_END``
+  block of ``query`` (the message is the Context text up to the whitespace before ``OUTPUT:``; a
+  ``(Speaker: ...)`` note that contradicts TO_PAT_YN is an error); the annotations from ``answer``, which must be strict JSON (a trailing ``JSON_END``
   is allowed). Records get the id ``<name>-<row>``. Rows in the same shape in a JSONL file are read too.
   For a saved ``DatasetDict`` pick the split with ``PATH::SPLIT`` (``data/pv::train``); a dict with
   exactly one split needs no suffix.
@@ -35,7 +36,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pvfast.codebook import (
     DIRECTIONS,

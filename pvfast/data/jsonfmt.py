@@ -96,6 +96,17 @@ def _item_fields(item: dict) -> dict[str, object]:
     return {_KEY_BY_LOWER.get(str(k).strip().lower(), str(k)): v for k, v in item.items()}
 
 
+#: Longest unknown label quoted in an error; longer values (e.g. message text in the wrong field) are
+#: described by their length so that errors never carry message text.
+MAX_QUOTED_LABEL_CHARS = 40
+
+
+def _label_repr(value: object) -> str:
+    if isinstance(value, str) and len(value) > MAX_QUOTED_LABEL_CHARS:
+        return f"(a string of {len(value)} chars)"
+    return repr(value)
+
+
 def _to_annotation(item: dict, where: str, result: ParseResult) -> None:
     fields = _item_fields(item)
     missing = [k for k in FIELD_ROLES if k not in fields]
@@ -111,10 +122,10 @@ def _to_annotation(item: dict, where: str, result: ParseResult) -> None:
     code = canonical_code(raw_code) if isinstance(raw_code, str) else None
     sub = canonical_subcode(raw_sub) if isinstance(raw_sub, str) else None
     if code is None:
-        result.errors.append(f"{where}: unknown Code {raw_code!r}")
+        result.errors.append(f"{where}: unknown Code {_label_repr(raw_code)}")
         return
     if sub is None:
-        result.errors.append(f"{where}: unknown Sub-code {raw_sub!r}")
+        result.errors.append(f"{where}: unknown Sub-code {_label_repr(raw_sub)}")
         return
     if not is_valid_pair(code, sub):
         result.errors.append(f"{where}: Sub-code {sub!r} is not valid for Code {code!r}")
