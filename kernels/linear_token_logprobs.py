@@ -11,6 +11,8 @@ Backward (recomputes the logits tiles from the saved lse; nothing N×V is saved)
   * grad_weight (only if the weight requires grad; a frozen lm_head under LoRA is the common case and
     skips this kernel): one program per vocabulary tile sweeps the tokens, grad_W[vtile] += dlogitsᵀ · h.
     This recomputes the logits a second time instead of using atomics on an N×H and V×H pair.
+  Cost to know: each vocabulary tile read-modify-writes the program's fp32 BLOCK_N×H slice of grad_h
+  (as a cut-cross-entropy-style atomic backward would); a larger BLOCK_V amortises that traffic.
 
 Tile order and L2: the grid has one axis and every program sweeps the other operand in the same order,
 so the programs resident at one time (one "group", the whole wave) stream the same W tile (forward,

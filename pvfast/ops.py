@@ -19,8 +19,6 @@ counts with ℓ = 0, so give such tokens segment id −1).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pvfast.kernels import interpreting
@@ -28,7 +26,7 @@ from pvfast.kernels.linear_token_logprobs import (LinearSegmentScoresFunction, L
                                                   check_linear_inputs)
 from pvfast.kernels.segment_scores import SegmentScoresFunction, check_segment_inputs, check_segment_vectors
 from pvfast.kernels.token_logprobs import TokenLogprobsFunction, _check_logits_targets
-from pvfast.stats import NUM_STATS, log_tau, segment_stats_reference
+from pvfast.stats import NUM_STATS, log_tau
 
 IMPLS = ("auto", "triton", "cpp", "torch")
 IGNORE_INDEX = -100
@@ -41,7 +39,11 @@ TORCH_CHUNK_TOKENS = 1024
 # Torch reference backend: same function names and signatures as the C++ extension (pvfast._C).
 # ----------------------------------------------------------------------------------------------------
 class TorchBackend:
-    """Chunked PyTorch implementation of the six backend functions, fp32 math on any device."""
+    """Chunked PyTorch implementation of the six backend functions, fp32 math on any device.
+
+    Memory: one TORCH_CHUNK_TOKENS × V fp32 logits chunk at a time, plus an fp32 copy of a bf16/fp16
+    weight (V × H) for the duration of a call.
+    """
 
     @staticmethod
     def _chunks(n: int):
@@ -111,9 +113,14 @@ class TorchBackend:
 
     @staticmethod
     def segment_stats_fwd(logp, weights, segment_ids, num_segments: int, log_tau: float):
-        # The contract's own reference, on fp32 inputs; tau = exp(log τ) round-trips through log_tau.
-        return segment_stats_reference(logp.float(), weights.float(), segment_ids.long(), num_segments,
-                                       _tau_from_log(log_tau))
+        # Same layout as pvfast.stats.segment_stats_reference, gated on log τ directly.
+        seg = segment_ids.long()
+        scored = seg >= 0
+        lp, w = logp.float()[scored], weights.float()[scored]
+        gate = (lp < log_tau).float()
+        cols = torch.stack([lp, w * lp, w, torch.ones_like(lp), -(w * gate * lp), w * gate, gate], dim=1)
+        stats = torch.zeros(num_segments, NUM_STATS, dtype=torch.float32, device=logp.device)
+        return stats.index_add_(0, seg[scored], cols)
 
     @staticmethod
     def segment_stats_bwd(logp, weights, segment_ids, grad_stats, log_tau: float):
@@ -124,10 +131,6 @@ class TorchBackend:
         gate = (logp.float() < log_tau).float()
         grad = rows[:, 0] + w * rows[:, 1] - w * gate * rows[:, 4]
         return torch.where(scored, grad, 0.0)
-
-
-def _tau_from_log(log_tau_value: float) -> float:
-    return min(math.exp(log_tau_value), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,7 +100,9 @@ def test_linear_segment_scores(impl):
     segment_ids[targets == IGNORE] = -1
 
     h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    stats = ops.linear_segment_scores(h_in, w_in, targets, weights.float(), segment_ids, m, tau, impl=impl)
+    # int32 targets and segment ids are accepted as well as int64.
+    stats = ops.linear_segment_scores(h_in, w_in, targets.int(), weights.float(), segment_ids.int(), m, tau,
+                                      impl=impl)
     (stats * grad_stats.float()).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = segment_stats_reference(reference_logprobs(h64 @ w64.T, targets), weights, segment_ids, m, tau)
