@@ -7,8 +7,10 @@ Readers accept these layouts:
 * **The published layout**: a Hugging Face dataset saved with ``save_to_disk`` (string columns ``query``
   and ``answer``). Direction and message come from the final ``INPUT: TO_PAT_YN: ...`` / ``Context: ...``
   block of ``query`` (the message is the Context text up to the whitespace before ``OUTPUT:``; a
-  ``(Speaker: ...)`` note that contradicts TO_PAT_YN is an error); the annotations from ``answer``, which must be strict JSON (a trailing ``JSON_END``
-  is allowed). Records get the id ``<name>-<row>``. Rows in the same shape in a JSONL file are read too.
+  ``(Speaker: ...)`` note that contradicts TO_PAT_YN is an error); the annotations from ``answer``,
+  which must be strict JSON (a trailing ``JSON_END`` is allowed). Records get the id ``<name>-<row>``
+  (``<name>`` is the directory or file stem, plus ``-<split>`` for a DatasetDict). Rows in this shape in
+  a JSONL file are read too (with 1-based line numbers in their ids).
   For a saved ``DatasetDict`` pick the split with ``PATH::SPLIT`` (``data/pv::train``); a dict with
   exactly one split needs no suffix.
 * **pvfast preference JSONL**: :meth:`PreferenceRecord.to_dict` per line (``id``, ``direction`` +
