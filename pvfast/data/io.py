@@ -526,6 +526,18 @@ def _trl_pair_from_row(row: dict, check: _RowCheck) -> _TrlPair | None:
     return _TrlPair(check.position, prompt, chosen_text, rejected_text)
 
 
+def _close_trl_group(source: _Source, group: list[_TrlPair], seen: dict[str, int]
+                     ) -> tuple[int, PreferenceRecord | None, list[Problem]]:
+    """One record from consecutive TRL pairs sharing prompt and chosen."""
+    first = group[0]
+    check = _RowCheck(source, first.position)
+    record_id = check.unique_id(f"{source.name}-{first.position}", seen)
+    if record_id is None:
+        return first.position, None, check.problems
+    record = PreferenceRecord(record_id, first.chosen, tuple(p.rejected for p in group), prompt=first.prompt)
+    return first.position, record, check.problems
+
+
 def _is_trl_row(row: dict) -> bool:
     return "id" not in row and isinstance(row.get("rejected"), str)
 
@@ -543,44 +555,25 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False
 
     def build(rows):
         group: list[_TrlPair] = []
-
-        def flush():
-            if not group:
-                return None
-            first = group[0]
-            check = _RowCheck(source, first.position)
-            record_id = check.unique_id(f"{source.name}-{first.position}", seen)
-            record = None
-            if record_id is not None:
-                record = PreferenceRecord(record_id, first.chosen, tuple(p.rejected for p in group),
-                                          prompt=first.prompt)
-            group.clear()
-            return first.position, record, check.problems
-
         for position, row in rows:
             check = _RowCheck(source, position)
-            if _is_trl_row(row):
-                pair = _trl_pair_from_row(row, check)
-                # The group is still open only if the previous row belonged to it (any other row
-                # flushed it), so "consecutive" needs no extra position check.
-                continues = (pair is not None and bool(group)
-                             and (group[0].prompt, group[0].chosen) == (pair.prompt, pair.chosen))
-                if not continues:
-                    done = flush()
-                    if done is not None:
-                        yield done
-                if pair is not None:
-                    group.append(pair)
-                else:
-                    yield position, None, check.problems
+            is_trl = _is_trl_row(row)
+            pair = _trl_pair_from_row(row, check) if is_trl else None
+            # A group stays open only while each next row continues it; any other row (invalid,
+            # pvfast layout, another prompt or chosen) closes it first.
+            continues = pair is not None and group and (pair.prompt, pair.chosen) == (group[0].prompt,
+                                                                                       group[0].chosen)
+            if group and not continues:
+                yield _close_trl_group(source, group, seen)
+                group = []
+            if pair is not None:
+                group.append(pair)
+            elif is_trl:
+                yield position, None, check.problems
             else:
-                done = flush()
-                if done is not None:
-                    yield done
                 yield position, _preference_from_pvfast(row, check, seen), check.problems
-        done = flush()
-        if done is not None:
-            yield done
+        if group:
+            yield _close_trl_group(source, group, seen)
 
     return _collect(source, build(source.rows), skip_invalid)
 
