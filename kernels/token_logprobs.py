@@ -70,7 +70,8 @@ def _token_logprobs_bwd_kernel(Logits_ptr, Targets_ptr, Lse_ptr, GradLogp_ptr, G
         tl.store(grad_ptr + offs, dx.to(GradLogits_ptr.dtype.element_ty), mask=in_row)
 
 
-def _check_logits_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Shape/dtype/device checks shared by every token_logprobs implementation."""
     if logits.dim() != 2:
         raise ValueError(f"token_logprobs: logits must be (N, V), got shape {tuple(logits.shape)}")
     if targets.shape != logits.shape[:1]:
@@ -92,7 +93,7 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 def token_logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                            block_v: int = BLOCK_V) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (N, V), targets (N,) → (logp fp32 (N,), lse fp32 (N,)); 0 in both for ignored rows."""
-    _check_logits_targets(logits, targets)
+    check_logits_targets(logits, targets)
     logits = _row_major(logits)
     targets = targets.contiguous()
     n, v = logits.shape
@@ -110,7 +111,7 @@ def token_logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, lse: to
                             grad_logp: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                             block_v: int = BLOCK_V) -> torch.Tensor:
     """Upstream dL/dℓ (N,) → dL/dlogits (N, V) in the dtype of logits."""
-    _check_logits_targets(logits, targets)
+    check_logits_targets(logits, targets)
     logits = _row_major(logits)
     targets = targets.contiguous()
     grad_logp = grad_logp.float().contiguous()

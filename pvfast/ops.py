@@ -25,7 +25,7 @@ from pvfast.kernels import interpreting
 from pvfast.kernels.linear_token_logprobs import (LinearSegmentScoresFunction, LinearTokenLogprobsFunction,
                                                   check_linear_inputs)
 from pvfast.kernels.segment_scores import SegmentScoresFunction, check_segment_inputs, check_segment_vectors
-from pvfast.kernels.token_logprobs import TokenLogprobsFunction, _check_logits_targets
+from pvfast.kernels.token_logprobs import TokenLogprobsFunction, check_logits_targets
 from pvfast.stats import NUM_STATS, log_tau
 
 IMPLS = ("auto", "triton", "cpp", "torch")
@@ -266,7 +266,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index:
 
     Differentiable in ``logits`` (gradient in its dtype); ℓ = 0 and zero gradient where targets == ignore_index.
     """
-    _check_logits_targets(logits, targets)
+    check_logits_targets(logits, targets)
     impl = _resolve_impl(impl, logits.device, "token_logprobs")
     if impl == "triton":
         return TokenLogprobsFunction.apply(logits, targets, ignore_index)
