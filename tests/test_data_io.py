@@ -499,3 +499,16 @@ def test_failed_write_leaves_no_file(tmp_path):
         io.write_examples(target, broken())
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_generic_jsonl_reader_and_writer(tmp_path):
+    rows = [{"id": "1", "output": "ü"}, {"id": "2", "output": "{}"}]
+    path = io.write_jsonl(tmp_path / "sub" / "p.jsonl", rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n[3]\n{bad\n")
+    read, problems = io.read_jsonl(path)
+    assert read == [(1, rows[0]), (2, rows[1])]
+    assert [(p.line, p.message.split(":")[0]) for p in problems] == [(4, "expected a JSON object, got an array"),
+                                                                     (5, "malformed JSON")]
+    with pytest.raises(io.DataError, match="no such file"):
+        io.read_jsonl(tmp_path / "none.jsonl")

@@ -177,6 +177,20 @@ def _read_jsonl(path: Path, shown: str) -> _Source:
     return source
 
 
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """``([(line number, object), ...], problems)`` of any JSONL file of objects (1-based lines).
+
+    Lines that are not UTF-8, not JSON or not an object become problems; blank lines are skipped.
+    Raises :class:`DataError` for a missing or empty file. Other readers of JSONL (predictions, ...)
+    use this so their errors name file, line and column the same way.
+    """
+    shown = os.fspath(path)
+    if not Path(shown).is_file():
+        raise _refuse(shown, "no such file" if not Path(shown).exists() else "not a file")
+    source = _read_jsonl(Path(shown), shown)
+    return source.rows, source.problems
+
+
 def _read_saved_dataset(directory: Path, split: str | None, shown: str) -> _Source:
     is_dict = (directory / DATASET_DICT_FILE).is_file()
     if not is_dict and not all((directory / f).is_file() for f in DATASET_FILES):
@@ -614,6 +628,11 @@ def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterator[dict]) -> Path:
         os.unlink(handle.name)
         raise
     return target
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write JSON objects one per line (UTF-8, non-ASCII kept), atomically, creating parent directories."""
+    return _write_jsonl_atomic(path, iter(rows))
 
 
 def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> Path:
