@@ -26,7 +26,8 @@ def _report_skipped(problems: list) -> None:
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
     if problems:
-        print(f"skipped {len(problems)} invalid record(s)", file=sys.stderr)
+        records = {(p.path, p.line) for p in problems}
+        print(f"skipped {len(records)} invalid record(s) ({len(problems)} problem(s))", file=sys.stderr)
 
 
 def _load(path: Path, kind: str, skip_invalid: bool):
