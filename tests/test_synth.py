@@ -139,6 +139,7 @@ def test_message_shape_is_realistic(corpora):
     words = [len(e.message.split()) for e in examples]
     assert 35.5 <= statistics.mean(words) <= 45.5  # published 40.5 +- 32.8 words
     assert 24.0 <= statistics.pstdev(words) <= 40.0
+    assert len({e.message for e in examples}) >= 0.97 * len(examples)  # repeats are reworded
     for e in examples:
         labels = [a.label for a in e.annotations]
         assert len(labels) == len(set(labels)), e.id  # a label at most once per message

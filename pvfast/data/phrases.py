@@ -59,11 +59,13 @@ _PATIENT_BANKS = {
         "Hi Dr. {doctor},", "Hello Dr. {doctor},", "Good morning Dr. {doctor},", "Dear Dr. {doctor},",
         "Hi there,", "Hello,", "Good afternoon,", "Dear Dr. {doctor} and team,", "Hi {nurse},",
         "Hey Dr. {doctor},", "Good evening Dr. {doctor},", "To Dr. {doctor}'s nurse,",
+        "Hi Dr. {doctor} and {nurse},", "Hello again Dr. {doctor},", "Morning {nurse},",
     ),
     ("PartnershipPatient", "signoff"): (
         "Best, {patient}", "Sincerely, {patient} {patient_last}", "Regards, {patient}", "Take care, {patient}",
         "- {patient}", "Warm regards, {patient}", "Respectfully, {patient} {patient_last}",
         "Have a good day, {patient}", "Talk soon, {patient}", "Kind regards, {patient} {patient_last}",
+        "All the best, {patient}", "Cheers, {patient}", "Yours truly, {patient} {patient_last}",
     ),
     ("PartnershipPatient", "Clinical Care"): (
         "My blood sugar was {reading} this morning even after taking the {med}.",
@@ -82,6 +84,12 @@ _PATIENT_BANKS = {
         "The rash on my arm is spreading and it itches a lot.",
         "I am still coughing at night even with the {med}.",
         "My A1c went up to {a1c} and I don't know why.",
+        "The {symptom} gets worse in the {time} and eases off by the afternoon.",
+        "I think I'm having a reaction to the {med} because [my lips feel swollen].",
+        "My blood pressure has been around {bp} all week.",
+        "I still have {symptom} after finishing the {med}.",
+        "My feet have been tingling at night for about {weeks} weeks.",
+        "I fell on the ice on {day} and my wrist is still sore.",
     ),
     ("PartnershipPatient", "activeParticipation/involvement"): (
         "I've been [logging my blood sugar every morning] like you suggested.",
@@ -98,6 +106,10 @@ _PATIENT_BANKS = {
         "I bought a home blood pressure cuff and will send you my readings every week.",
         "I've switched to water instead of soda since our last visit.",
         "I looked up the side effects of the {med} so I know what to watch for.",
+        "I set an alarm on my phone so [I don't forget the {time} dose].",
+        "I've been weighing myself every morning and writing it down.",
+        "I signed up for the diabetes class at the community center.",
+        "I brought all my pill bottles so we can go over them together.",
     ),
     ("PartnershipPatient", "expressOpinions"): (
         "I don't think the {med} is working for me.",
@@ -228,6 +240,8 @@ _PATIENT_BANKS = {
         "The nearest {specialist} that takes my insurance is two hours away.",
         "I lost my insurance when I changed jobs.",
         "The after-hours line never called me back.",
+        "My plan only covers three physical therapy visits a year.",
+        "The urgent care near me stopped taking my insurance.",
     ),
     ("SDOH", "NeighborhoodAndBuiltEnvironment"): (
         "There's no safe place to walk in my neighborhood.",
@@ -273,6 +287,10 @@ _PROVIDER_BANKS = {
         "Your kidney function is stable compared with last year.",
         "Ice the knee for 20 minutes and keep it raised tonight.",
         "The {test} showed [a small cyst that is not concerning].",
+        "Your cholesterol has improved since we started the {med}.",
+        "Please skip the {med} the morning of the {test}.",
+        "Mild {symptom} is common for the first week and usually settles down.",
+        "Your thyroid level is a little high, so [we should lower your levothyroxine dose].",
     ),
     ("PartnershipProvider", "Appreciation/Gratitude"): (
         "Thank you for sending your readings.",

@@ -28,6 +28,7 @@ counts up to rounding instead of drifting with sampling noise:
    the label total of their direction.
 4. Labels, most frequent first, are dealt to distinct messages of the right direction, each message
    drawn with probability proportional to its remaining budget. A label appears at most once per message.
+5. Each message is worded from the banks; a text that already occurs in the corpus is reworded.
 
 The published PUBLISHED_CODE_COUNTS of codes *with* sub-codes are smaller than the sum of their sub-code
 counts (SDOH 536 vs 696), i.e. they count messages carrying the code; this corpus matches them only
@@ -84,6 +85,7 @@ class SynthConfig:
     max_labels_per_message: int = 14  # a budget cap; keeps the longest messages plausible
     filler_mean: float = 0.5  # mean number of unlabelled sentences per message (Poisson)
     filler_min_if_empty: int = 1  # a message with no labels still says something
+    max_rewordings: int = 20  # redraws of a message whose text already occurs in the corpus
 
 
 # --- label targets ---------------------------------------------------------------------------------------
@@ -158,6 +160,9 @@ def _label_budgets(rng: random.Random, n_messages: int, total: int, n_labels: in
     if n_messages == 0:
         return []
     cap = min(config.max_labels_per_message, n_labels)
+    if total > cap * n_messages:
+        raise ValueError(f"{total} labels do not fit in {n_messages} messages of at most {cap} labels; "
+                         "raise SynthConfig.max_labels_per_message")
     mean = total / n_messages
     r = config.budget_dispersion
     budgets = [min(cap, _poisson(rng, rng.gammavariate(r, mean / r))) if mean > 0 else 0
@@ -251,8 +256,15 @@ def generate_corpus(n: int = PUBLISHED_N_MESSAGES, seed: int = 0,
             labels_of_message[i] = labels
 
     examples = []
+    seen_messages: set[str] = set()
     for i, direction in enumerate(directions):
-        message, annotations = _message(rng, direction, labels_of_message[i], config)
+        # Redraw the wording (never the labels) of a message that repeats an earlier one, so identical
+        # texts do not land in both train and test; short label sets may still repeat after the retries.
+        for _ in range(config.max_rewordings + 1):
+            message, annotations = _message(rng, direction, labels_of_message[i], config)
+            if message not in seen_messages:
+                break
+        seen_messages.add(message)
         examples.append(Example(id=f"{ID_PREFIX}{i:06d}", direction=direction, message=message,
                                 annotations=annotations))
     return examples
