@@ -223,12 +223,23 @@ class _RadixNode:
         self.end = -1  # exclusive flat end of the subtree, set by flattening
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two int lists.
+
+    Slice comparisons run in C; bisecting on them costs O(n log n) C work instead of an O(n) Python loop
+    (prompts are thousands of tokens and usually equal for most of their length).
+    """
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class _RadixTree:
@@ -238,7 +249,7 @@ class _RadixTree:
         self.root = _RadixNode([])
         self.size = 0
 
-    def matched_prefix(self, seq: Sequence[int]) -> int:
+    def matched_prefix(self, seq: list[int]) -> int:
         """Length of the longest prefix of ``seq`` already in the tree."""
         node, pos = self.root, 0
         while pos < len(seq):
@@ -247,13 +258,13 @@ class _RadixTree:
                 return pos
             n = len(child.tokens)
             # Whole-edge comparison runs in C; the token-by-token scan only on the edge where they part.
-            if child.tokens == list(seq[pos:pos + n]):
+            if child.tokens == seq[pos:pos + n]:
                 node, pos = child, pos + n
             else:
                 return pos + _common_prefix_len(child.tokens, seq[pos:pos + n])
         return pos
 
-    def insert(self, seq: Sequence[int]) -> None:
+    def insert(self, seq: list[int]) -> None:
         node, pos = self.root, 0
         while pos < len(seq):
             child = node.children.get(seq[pos])
@@ -310,6 +321,20 @@ class _RadixTree:
 def _own_shared_prefix(sequences: list[list[int]]) -> list[int]:
     """For each sequence, its longest common prefix with any earlier sequence of the same group."""
     return [max((_common_prefix_len(s, sequences[i]) for i in range(j)), default=0) for j, s in enumerate(sequences)]
+
+
+def _marginal_cost(tree: _RadixTree, prompt: list[int], seqs: list[list[int]], own_prefix: list[int]) -> int:
+    """Trie tokens a group would add to ``tree``.
+
+    A sequence adds the tokens past its longest prefix already present, in the pack or earlier in its own
+    group (both prefix sets are prefix-closed, so the union is the longer of the two). All sequences start
+    with the prompt, so when the pack does not hold the whole prompt every sequence matches exactly as far
+    as the prompt does: one walk instead of one per completion.
+    """
+    in_tree = tree.matched_prefix(prompt)
+    if in_tree < len(prompt):
+        return sum(len(x) - max(in_tree, k) for x, k in zip(seqs, own_prefix))
+    return sum(len(x) - max(tree.matched_prefix(x), k) for x, k in zip(seqs, own_prefix))
 
 
 def group_tree_tokens(group: CompletionGroup) -> int:
@@ -389,30 +414,28 @@ def assign_packs(items: Sequence[CompletionGroup], token_budget: int) -> list[li
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    seqs = []
-    costs = []
+    seqs, own_prefix, costs = [], [], []
     for i, group in enumerate(items):
         group.validate(i)
         s = group.sequences()
-        seqs.append(s)
-        cost = sum(len(x) - k for x, k in zip(s, _own_shared_prefix(s)))
+        own = _own_shared_prefix(s)
+        cost = sum(len(x) - k for x, k in zip(s, own))
         if cost > token_budget:
             raise ValueError(f"{_group_name(group, i)} needs {cost} tokens on its own but token_budget is "
                              f"{token_budget}; truncate it or raise the budget")
+        seqs.append(s)
+        own_prefix.append(own)
         costs.append(cost)
-    own_prefix = [_own_shared_prefix(s) for s in seqs]
     order = sorted(range(len(items)), key=lambda i: (-costs[i], i))
     trees: list[_RadixTree] = []
     members: list[list[int]] = []
     for i in order:
+        prompt = list(items[i].prompt_ids)
         for tree, member in zip(trees, members):
             if tree.size + costs[i] <= token_budget:
                 fits = True  # fits even with nothing shared: skip the walk
             else:
-                # A sequence adds the tokens past its longest prefix already present, in the pack or earlier
-                # in its own group (both sets of prefixes are prefix-closed, so the union is the longer one).
-                marginal = sum(len(x) - max(tree.matched_prefix(x), k) for x, k in zip(seqs[i], own_prefix[i]))
-                fits = tree.size + marginal <= token_budget
+                fits = tree.size + _marginal_cost(tree, prompt, seqs[i], own_prefix[i]) <= token_budget
             if fits:
                 for x in seqs[i]:
                     tree.insert(x)
