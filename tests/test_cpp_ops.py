@@ -234,6 +234,38 @@ def test_linear_large_vocab():
     close(grad_weight, ref_gw, OUT_TOL[torch.float32])
 
 
+def _peak_rss_bytes_during(fn) -> int:
+    """Peak resident-set growth while fn() runs (Linux: VmHWM reset through /proc/self/clear_refs)."""
+    def rss_kib(field):
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = rss_kib("VmRSS")
+    fn()
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+@needs_ext
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
+def test_linear_ops_never_hold_the_logits():
+    """Forward and backward stay far below one N×V fp32 buffer (64 MiB here)."""
+    n, hidden_size, vocab = 1024, 32, 16384
+    hidden, weight, targets, g = linear_inputs(n, hidden_size, vocab, torch.float32, seed=4)
+    logits_bytes = n * vocab * 4
+    outputs_bytes = (n * hidden_size + vocab * hidden_size) * 4
+
+    def fwd_bwd():
+        _, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
+        _C.linear_token_logprobs_bwd(hidden, weight, targets, lse, g, IGNORE, True)
+
+    try:
+        growth = _peak_rss_bytes_during(fwd_bwd)
+    except OSError as exc:
+        pytest.skip(f"cannot reset the peak RSS here: {exc}")
+    assert growth < outputs_bytes + logits_bytes // 8, (growth, logits_bytes)
+
+
 @needs_ext
 def test_linear_all_ignored_costs_nothing_and_returns_zeros():
     hidden, weight, _, g = linear_inputs(9, 8, 50, torch.bfloat16, seed=2)
