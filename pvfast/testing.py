@@ -198,6 +198,7 @@ def tiny_model_dir(arch: str, recipe: TinyRecipe = DEFAULT_RECIPE) -> Path:
         build_model(arch, tokenizer, recipe).save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
         (tmp_dir / "recipe.json").write_text(json.dumps({"arch": arch, **dataclasses.asdict(recipe)}, indent=1))
+        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         _publish(tmp_dir, final_dir)
     finally:
         if tmp_dir.exists():

@@ -43,7 +43,7 @@ would.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -100,7 +100,8 @@ class TokenizedPairGroup:
     chosen: TokenizedCompletion
     rejected: list[TokenizedCompletion]
     chosen_pair_weights: np.ndarray
-    chosen_diff_masks: list[np.ndarray] = field(default_factory=list)  # per pair, each (C,) bool
+    chosen_diff_masks: list[np.ndarray]  # per pair j: (C,) bool, chosen tokens differing from rejected j
+    rejected_diff_masks: list[np.ndarray]  # per pair j: (C_j,) bool, rejected j tokens differing from chosen
 
     @property
     def prompt_ids(self) -> np.ndarray:
@@ -137,13 +138,15 @@ def end_of_turn_id(tokenizer, end_of_turn: str | None = None) -> int:
 def _roles_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int, str]]) -> np.ndarray:
     """(T,) int8 role per token from its (start, end) character offsets and the value ranges."""
     roles = np.full(len(offsets), ROLE_SCAFFOLD, dtype=np.int8)
-    value_ranges = [(vs, ve, ROLE_BY_NAME[name]) for vs, ve, name in spans if ve > vs]
-    for t, (s, e) in enumerate(offsets):
-        for vs, ve, role in value_ranges:
-            inside = (vs <= s < ve) if s == e else (s < ve and e > vs)
-            if inside:
-                roles[t] = role
-                break
+    ranges = [(vs, ve, ROLE_BY_NAME[name]) for vs, ve, name in spans if ve > vs]
+    if not ranges or not len(offsets):
+        return roles
+    tok = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    s, e = tok[:, :1], tok[:, 1:]  # (T, 1)
+    vs, ve, role = (np.asarray(col, dtype=np.int64)[None, :] for col in zip(*ranges))  # (1, R)
+    overlap = np.where(s == e, (vs <= s) & (s < ve), (s < ve) & (e > vs))  # (T, R)
+    hit = overlap.any(axis=1)
+    roles[hit] = role[0, overlap[hit].argmax(axis=1)]  # leftmost overlapping range
     return roles
 
 
@@ -232,12 +235,13 @@ def tokenize_pair_group(
     for text in rejected_texts:  # the prompt is tokenized once and shared
         ids, roles = _tokenize_body(tokenizer, text, eot)
         rejected.append(TokenizedCompletion(prompt_ids=chosen.prompt_ids, completion_ids=ids, roles=roles))
-    chosen_masks = []
+    chosen_masks, rejected_masks = [], []
     for rej in rejected:
         chosen_mask, rejected_mask = diff_masks(chosen.completion_ids, rej.completion_ids)
         chosen_masks.append(chosen_mask)
+        rejected_masks.append(rejected_mask)
         rej.weights = token_weights(rej.roles, cfg, rejected_mask)
     chosen.weights = token_weights(chosen.roles, cfg, np.logical_or.reduce(chosen_masks))
     pair_weights = np.stack([token_weights(chosen.roles, cfg, m) for m in chosen_masks])
     return TokenizedPairGroup(chosen=chosen, rejected=rejected, chosen_pair_weights=pair_weights,
-                              chosen_diff_masks=chosen_masks)
+                              chosen_diff_masks=chosen_masks, rejected_diff_masks=rejected_masks)

@@ -5,12 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from pvfast.data.jsonfmt import serialize
+from pvfast.data.jsonfmt import serialize, value_spans
 from pvfast.data.records import Annotation
 from pvfast.data.synth import generate_corpus
 from pvfast.prompt import build_prompt, render_user_prompt
 from pvfast.testing import ARCHS, load_tiny_tokenizer
-from pvfast.tokenization import diff_masks, token_weights, tokenize_completion, tokenize_pair_group
+from pvfast.tokenization import (
+    _roles_from_offsets,
+    diff_masks,
+    token_weights,
+    tokenize_completion,
+    tokenize_pair_group,
+)
 from pvfast.weights import ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE, TokenWeightConfig
 
 # Hand-written triples: a span ending in punctuation (its token may swallow the closing quote), one
@@ -117,10 +123,27 @@ def test_roles_follow_value_ranges(tokenizer):
     assert tc.roles.dtype == np.int8
 
 
+def test_role_rule_on_hand_written_offsets():
+    text = '{"Code": "SDOH", "Span": "a b"}'
+    spans = [(10, 14, "code"), (26, 29, "span")]  # counted by hand: S at 10, a at 26
+    assert value_spans(text) == spans
+    offsets = [(0, 9), (9, 11), (11, 14), (14, 16), (16, 26), (26, 26), (27, 27), (29, 29), (28, 31)]
+    expected = [ROLE_SCAFFOLD,  # '{"Code": '
+                ROLE_CODE,  # '"S' straddles the opening quote
+                ROLE_CODE,  # 'DOH'
+                ROLE_SCAFFOLD,  # '",'
+                ROLE_SCAFFOLD,  # ' "Span": "'
+                ROLE_SPAN, ROLE_SPAN,  # zero-width tokens inside the value
+                ROLE_SCAFFOLD,  # zero-width token on the closing quote
+                ROLE_SPAN]  # 'b"}' straddles the closing quote
+    assert _roles_from_offsets(offsets, spans).tolist() == expected
+
+
 def test_end_of_turn_token_closes_the_completion(tokenizer):
     tc = tokenize_completion(tokenizer, _prompt(tokenizer), serialize(TRIPLES[:1]))
     assert tc.completion_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    override = tokenize_completion(tokenizer, _prompt(tokenizer), serialize(TRIPLES[:1]), end_of_turn="<|endoftext|>")
+    override = tokenize_completion(tokenizer, _prompt(tokenizer), serialize(TRIPLES[:1]),
+                                   end_of_turn="<|endoftext|>")
     assert override.completion_ids[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with pytest.raises(ValueError, match="must be one"):
         tokenize_completion(tokenizer, _prompt(tokenizer), "{}", end_of_turn="JSON_END and more")
@@ -184,7 +207,7 @@ def test_inserted_triple_marks_only_its_tokens(tokenizer):
     group = tokenize_pair_group(tokenizer, _prompt(tokenizer), chosen_text, [rejected_text], TokenWeightConfig())
     chosen, rejected = group.chosen, group.rejected[0]
     c_mask, r_mask = diff_masks(chosen.completion_ids, rejected.completion_ids)
-    assert (c_mask == group.chosen_diff_masks[0]).all()
+    assert (c_mask == group.chosen_diff_masks[0]).all() and (r_mask == group.rejected_diff_masks[0]).all()
     assert not c_mask.any()
     n_inserted = len(rejected.completion_ids) - len(chosen.completion_ids)
     assert r_mask.sum() == n_inserted > 0
@@ -199,7 +222,8 @@ def test_inserted_triple_marks_only_its_tokens(tokenizer):
     assert after.sum() >= len(after) // 2 > 10
 
     # Weights: role table, times w_diff on the marked rejected tokens only.
-    expected_rej = [SPEC_ROLE_WEIGHT[int(ro)] * (SPEC_W_DIFF if m else 1.0) for ro, m in zip(rejected.roles, r_mask)]
+    expected_rej = [SPEC_ROLE_WEIGHT[int(ro)] * (SPEC_W_DIFF if m else 1.0)
+                    for ro, m in zip(rejected.roles, r_mask)]
     np.testing.assert_allclose(rejected.weights, expected_rej, rtol=1e-6)
     np.testing.assert_allclose(chosen.weights, [SPEC_ROLE_WEIGHT[int(ro)] for ro in chosen.roles], rtol=1e-6)
 
