@@ -1,0 +1,248 @@
+"""``python -m pvfast.evaluate`` end to end: predictions files against hand-computed scores, id checks,
+text privacy, and a greedy-generation smoke run with the tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from pvfast.data.io import write_examples
+from pvfast.data.jsonfmt import STOP_TEXT, parse_output, serialize
+from pvfast.data.records import Annotation, Example
+from pvfast.evaluate import main
+from pvfast.generation import read_predictions, truncate_at_stop_text
+
+PP, SDOH, SEB = "PartnershipPatient", "SDOH", "SocioEmotionalBehaviour"
+
+EXAMPLES = [
+    Example("m1", "N", "Hi, my meds make me worried.", (
+        Annotation(PP, "salutation", "Hi"), Annotation(PP, "Clinical Care", "my meds"),
+        Annotation(SEB, "None", "worried"))),
+    Example("m2", "N", "The clinic is far away and hard to reach.", (
+        Annotation(SDOH, "HealthCareAccessAndQuality", "clinic is far away"),)),
+    Example("m3", "N", "I cannot pay the rent this month.", (
+        Annotation(SDOH, "EconomicStability", "cannot pay the rent"),)),
+]
+
+# Seed 0: m1 one right label set with an extra wrong span; m2 truncated output; m3 exact.
+SEED0 = {
+    "m1": serialize([Annotation(PP, "salutation", "Hi"), Annotation(PP, "Clinical Care", "meds"),
+                     Annotation(SDOH, "EconomicStability", "pay")]),
+    "m2": '{"results": [{"Code": "SDOH", "Sub-code": "HealthCareAccessAndQuality", "Span": "clinic',
+    "m3": serialize(EXAMPLES[2].annotations) + " " + STOP_TEXT,
+}
+# Seed 1: everything exact, m2 with an unknown code triple besides the right one.
+SEED1 = {
+    "m1": serialize(EXAMPLES[0].annotations),
+    "m2": json.dumps({"results": [EXAMPLES[1].annotations[0].to_dict(),
+                                  {"Code": "Mood", "Sub-code": "None", "Span": "far"}]}),
+    "m3": serialize(EXAMPLES[2].annotations),
+}
+
+
+def _f1(tp, fp, fn):
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+# Hand-worked counts.
+# Seed 0 codes: m1 gold {PP, SEB} pred {PP, SDOH}: TP1 FP1 FN1; m2 gold {SDOH} pred {}: FN1; m3 TP1.
+# Seed 0 sub-codes: m1 gold {salutation, Clinical Care} pred {salutation, Clinical Care, EconomicStability}:
+#   TP2 FP1; m2 FN1; m3 TP1.
+# Seed 0 spans: m1 gold {Hi, my meds, worried} pred {Hi, meds, pay}: Hi-Hi, meds ⊂ my meds -> TP2 FP1 FN1;
+#   m2 FN1; m3 TP1.
+# Seed 0 format errors: m2 one (truncated), m1/m3 none. Seed 1: m2 one (unknown code).
+HAND = {
+    0: {"code": (2, 1, 2), "subcode": (3, 1, 1), "span": (3, 1, 2), "format_error_rate": 1 / 3},
+    1: {"code": (4, 0, 0), "subcode": (4, 0, 0), "span": (5, 0, 0), "format_error_rate": 1 / 3},
+}
+
+
+def _write_preds(path, outputs):
+    path.write_text("".join(json.dumps({"id": i, "output": o}) + "\n" for i, o in outputs.items()))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = write_examples(tmp_path / "gold.jsonl", EXAMPLES)
+    return str(data), _write_preds(tmp_path / "seed0.jsonl", SEED0), _write_preds(tmp_path / "seed1.jsonl", SEED1)
+
+
+def test_hand_outputs_parse_as_assumed():
+    assert parse_output(SEED0["m2"]).errors and not parse_output(SEED0["m2"]).annotations
+    assert parse_output(SEED0["m3"]).annotations == list(EXAMPLES[2].annotations)
+    assert parse_output(SEED1["m2"]).n_format_errors == 1
+
+
+def test_predictions_mode_matches_hand_computed(files, tmp_path, capsys):
+    data, seed0, seed1 = files
+    out = tmp_path / "report.json"
+    assert main(["--data", data, "--predictions", seed0, seed1, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [run["source"] for run in report["runs"]] == [seed0, seed1]
+    for k, run in enumerate(report["runs"]):
+        scores = run["report"]
+        assert scores["n_messages"] == 3
+        for level in ("code", "subcode", "span"):
+            tp, fp, fn = HAND[k][level]
+            assert (scores[level]["tp"], scores[level]["fp"], scores[level]["fn"]) == (tp, fp, fn)
+            assert scores[level]["precision"] == pytest.approx(tp / (tp + fp))
+            assert scores[level]["recall"] == pytest.approx(tp / (tp + fn))
+            assert scores[level]["f1"] == pytest.approx(_f1(tp, fp, fn))
+        assert scores["format_error_rate"] == pytest.approx(HAND[k]["format_error_rate"])
+    # Seed 0 per-class: SDOH TP1 (m3) FP1 (m1) FN1 (m2) -> F1 1/2; SEB only missed -> 0.
+    assert report["runs"][0]["report"]["per_class_code"][SDOH]["f1"] == pytest.approx(0.5)
+    assert report["runs"][0]["report"]["per_class_code"][SEB]["f1"] == 0.0
+    # mean ± sample std over the two files
+    values = [_f1(*HAND[0]["span"]), _f1(*HAND[1]["span"])]
+    mean = sum(values) / 2
+    std = math.sqrt(sum((v - mean) ** 2 for v in values))  # n - 1 = 1
+    assert report["aggregate"]["span.f1"]["mean"] == pytest.approx(mean)
+    assert report["aggregate"]["span.f1"]["std"] == pytest.approx(std)
+    printed = capsys.readouterr().out
+    span_line = next(line for line in printed.splitlines() if line.startswith("span"))
+    assert f"{100 * mean:.2f}" in span_line and f"{100 * std:.2f}" in span_line
+    for ex in EXAMPLES:
+        assert ex.message not in printed
+        for a in ex.annotations:
+            assert repr(a.span) not in printed
+
+
+def test_show_text_prints_wrong_messages_only(files, capsys):
+    data, seed0, _ = files
+    assert main(["--data", data, "--predictions", seed0, "--show-text"]) == 0
+    printed = capsys.readouterr().out
+    assert EXAMPLES[0].message in printed and EXAMPLES[1].message in printed
+    assert EXAMPLES[2].message not in printed  # m3 was exactly right
+
+
+def test_missing_and_unknown_ids_are_errors(files, tmp_path, capsys):
+    data, _, _ = files
+    partial = _write_preds(tmp_path / "partial.jsonl", {"m1": SEED1["m1"], "m9": "{}"})
+    assert main(["--data", data, "--predictions", partial]) == 2
+    err = capsys.readouterr().err
+    assert partial in err and data in err
+    assert "2 id(s)" in err and "'m2'" in err and "'m3'" in err and "have no prediction" in err
+    assert "'m9'" in err and "not in" in err
+
+
+def test_bad_predictions_file_names_the_line(files, tmp_path, capsys):
+    data, _, _ = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "m1", "output": "{}"}) + "\n" + "{not json\n"
+                   + json.dumps({"id": "m1", "output": "{}"}) + "\n")
+    assert main(["--data", data, "--predictions", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "malformed JSON" in err
+    assert f"{bad}:3: id: duplicate id 'm1' (first on line 1)" in err
+
+
+def test_generation_only_flags_need_a_model(files):
+    data, seed0, _ = files
+    with pytest.raises(SystemExit):
+        main(["--data", data, "--predictions", seed0, "--adapter", "somewhere"])
+
+
+def test_truncate_at_stop_text():
+    assert truncate_at_stop_text('{"results": []} JSON_END trailing JSON_END') == '{"results": []} JSON_END'
+    assert truncate_at_stop_text("no stop") == "no stop"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation with the tiny random model: garbage output, counted as format errors
+
+
+@pytest.mark.slow
+def test_generate_mode_smoke(files, tmp_path, capsys):
+    from pvfast.testing import tiny_model_dir
+
+    data, _, _ = files
+    saved, out = tmp_path / "gen.jsonl", tmp_path / "gen-report.json"
+    code = main(["--data", data, "--model", str(tiny_model_dir("qwen2")), "--limit", "2", "--batch-size", "2",
+                 "--max-new-tokens", "8", "--save-predictions", str(saved), "--out", str(out)])
+    assert code == 0
+    outputs = read_predictions(saved)
+    assert list(outputs) == ["m1", "m2"]
+    report = json.loads(out.read_text())["runs"][0]["report"]
+    assert report["n_messages"] == 2
+    parsed = [parse_output(outputs[i]) for i in ("m1", "m2")]
+    assert report["format_errors"] == sum(p.n_format_errors for p in parsed)
+    assert report["format_error_rate"] == pytest.approx(sum(p.n_format_errors > 0 for p in parsed) / 2)
+
+
+class _LengthEchoModel(torch.nn.Module):
+    """A stand-in LM whose ``generate`` writes each row's real prompt length, then EOS and padding.
+
+    It checks the batch it gets: prompts are left-padded (mask 0...0 1...1) with real tokens at the right.
+    Rows also emit the stop text followed by junk, which must be cut off.
+    """
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer = tokenizer
+        self.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+        self.batches = []
+
+    def generate(self, input_ids, attention_mask, generation_config, tokenizer):
+        assert not self.training and generation_config.do_sample is False
+        self.batches.append(input_ids.shape[0])
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            n_real = sum(mask)
+            assert mask == [0] * (len(mask) - n_real) + [1] * n_real  # left padding
+            text = f"{n_real} {STOP_TEXT} junk"
+            rows.append(ids + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                        + [self.tokenizer.eos_token_id] + self.tokenizer("after eos")["input_ids"])
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [generation_config.pad_token_id] * (width - len(r)) for r in rows])
+
+
+def test_generate_completions_order_padding_and_stops():
+    from pvfast.generation import generate_completions
+    from pvfast.prompt import build_prompt
+    from pvfast.testing import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer("qwen2")
+    model = _LengthEchoModel(tokenizer)
+    model.train()
+    side = tokenizer.padding_side
+    examples = [EXAMPLES[0], EXAMPLES[2], EXAMPLES[1], EXAMPLES[0]]
+    outputs = generate_completions(model, tokenizer, examples, batch_size=3, max_new_tokens=5)
+    lengths = [len(tokenizer(build_prompt(tokenizer, ex.direction, ex.message), add_special_tokens=False)
+                   ["input_ids"]) for ex in examples]
+    assert len(set(lengths)) == 3  # the prompts differ in length, so order and padding are exercised
+    assert outputs == [f"{n} {STOP_TEXT}" for n in lengths]
+    assert model.batches == [3, 1]
+    assert model.training and tokenizer.padding_side == side
+
+
+@pytest.mark.slow
+def test_generate_completions_matches_unpadded_greedy_reference():
+    """Batched, left-padded generation with a real (tiny, random) Llama equals a plain greedy loop."""
+    from pvfast.generation import generate_completions
+    from pvfast.prompt import build_prompt
+    from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+
+    model, tokenizer = load_tiny_model("llama"), load_tiny_tokenizer("llama")
+    examples = [EXAMPLES[0], EXAMPLES[2], EXAMPLES[1]]
+    n_new = 5
+    batched = generate_completions(model, tokenizer, examples, batch_size=2, max_new_tokens=n_new)
+    assert len(batched) == 3
+    # The shortest prompt is padded in the first batch; recompute it without padding or KV cache.
+    ids = [tokenizer(build_prompt(tokenizer, ex.direction, ex.message), add_special_tokens=False)["input_ids"]
+           for ex in examples]
+    shortest = min(range(3), key=lambda i: len(ids[i]))
+    tokens = torch.tensor([ids[shortest]])
+    new = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            next_id = int(model(tokens).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            new.append(next_id)
+            tokens = torch.cat([tokens, torch.tensor([[next_id]])], dim=1)
+    assert batched[shortest] == tokenizer.decode(new, skip_special_tokens=True)
+    assert examples[shortest].message not in batched[shortest]
