@@ -32,6 +32,9 @@ constexpr int64_t kVocabChunk = 2048;
 // a 256×512 fp32 logit tile (512 KiB, fits L2) and matmuls large enough to run near peak.
 constexpr int64_t kTokenTile = 256;
 constexpr int64_t kVocabBlock = 512;
+// Few scored tokens (one DPO pair has a few hundred): shrink the forward's tile so every thread
+// gets one, but not below this many rows, where the matmul would stop paying for itself.
+constexpr int64_t kMinTokenTile = 32;
 // Segment statistics: below this many tokens one thread is faster than starting a team.
 constexpr int64_t kStatsParallelMinTokens = 1 << 15;
 
@@ -425,6 +428,8 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
   if (num_scored == 0) return {logp, lse};
 
   const int threads = team_threads();
+  const int64_t per_thread = (num_scored + threads - 1) / threads;
+  const int64_t tile = std::min(kTokenTile, std::max(kMinTokenTile, per_thread));
   std::vector<TileScratch> scratch = make_scratch(p, threads, /*backward=*/false);
   float* logp_out = logp.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
@@ -439,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     std::vector<float> target_logit(kTokenTile);
     // Token tiles are handed out dynamically; each tile sweeps the whole vocabulary.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t start = 0; start < num_scored; start += kTokenTile) {
-      const int64_t tile_rows = std::min(kTokenTile, num_scored - start);
+    for (int64_t start = 0; start < num_scored; start += tile) {
+      const int64_t tile_rows = std::min(tile, num_scored - start);
       const int64_t* rows = p.rows.data() + start;
       float* h = s.hidden_tile.data_ptr<float>();
       gather_hidden_fp32(p.hidden, rows, tile_rows, h);
