@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
     parser.add_argument("--save-predictions", type=Path, nargs="+", metavar="FILE",
                         help="write the generated outputs (one file per run) as {id, output} JSONL")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N messages of --data")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="generate for the first N messages of --data only (a quick check)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--show-text", action="store_true",
                         help="print message, gold and predicted triples of wrong messages (patient text!)")
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model is None:
         for flag, value in (("--adapter", args.adapter), ("--save-predictions", args.save_predictions),
-                            ("--template", args.template), ("--load-in-4bit", args.load_in_4bit or None)):
+                            ("--template", args.template), ("--load-in-4bit", args.load_in_4bit or None),
+                            ("--limit", args.limit)):
             if value is not None:
                 parser.error(f"{flag} needs --model (it only applies when generating)")
     n_runs = len(args.adapter) if args.adapter else 1

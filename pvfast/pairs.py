@@ -79,6 +79,7 @@ from pvfast.codebook import (CODES, NONE_SUBCODE, SUBCODES, codes_for_direction,
 from pvfast.data.io import DataError, load_examples, write_preferences
 from pvfast.data.jsonfmt import parse_output, serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
+from pvfast.generation import GenerationConfig
 from pvfast.metrics import code_labels, greedy_span_matching, subcode_labels
 
 STRATEGIES = ("label", "missing", "extra")
@@ -337,7 +338,8 @@ def make_preference_records(examples: Sequence[Example], code_table: ConfusionTa
     return [r for r in records if r is not None]
 
 
-def tables_from_outputs(val_examples: Sequence[Example], outputs: Sequence[str]) -> tuple[ConfusionTable, ConfusionTable]:
+def tables_from_outputs(val_examples: Sequence[Example],
+                        outputs: Sequence[str]) -> tuple[ConfusionTable, ConfusionTable]:
     """Confusion tables from raw validation outputs (parsed with the tolerant parser)."""
     parsed = [parse_output(text).annotations for text in outputs]
     return confusion_tables([ex.annotations for ex in val_examples], parsed)
@@ -368,10 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="SFT model directory to generate validation predictions with")
     parser.add_argument("--adapter", type=Path, help="peft adapter on top of --model")
     parser.add_argument("--template", type=Path, help="prompt template file (pvfast.prompt.PromptTemplate)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
     parser.add_argument("--save-predictions", type=Path, help="write generated validation outputs here")
     parser.add_argument("--out", type=Path, required=True, help="preference JSONL to write")
     parser.add_argument("--tables-dir", type=Path, default=None,
@@ -409,7 +412,8 @@ def _validation_outputs(args: argparse.Namespace, val_examples: list[Example]) -
         from pvfast.prompt import PromptTemplate
 
         template = PromptTemplate.from_file(args.template)
-    model, tokenizer = load_model_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                                 load_in_4bit=args.load_in_4bit)
     outputs = generate_completions(model, tokenizer, val_examples, batch_size=args.batch_size,
                                    max_new_tokens=args.max_new_tokens, template=template)
     if args.save_predictions is not None:
@@ -420,8 +424,10 @@ def _validation_outputs(args: argparse.Namespace, val_examples: list[Example]) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model is None and (args.adapter or args.save_predictions or args.template):
-        parser.error("--adapter, --template and --save-predictions need --model")
+    if args.model is None and (args.adapter or args.save_predictions or args.template or args.load_in_4bit):
+        parser.error("--adapter, --template, --load-in-4bit and --save-predictions need --model")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--batch-size and --max-new-tokens must be >= 1")
     try:
         config = config_from_args(args)
     except ValueError as err:

@@ -139,10 +139,12 @@ def test_bad_predictions_file_names_the_line(files, tmp_path, capsys):
     assert f"{bad}:3: id: duplicate id 'm1' (first on line 1)" in err
 
 
-def test_generation_only_flags_need_a_model(files):
+@pytest.mark.parametrize("flag", [["--adapter", "somewhere"], ["--limit", "2"], ["--save-predictions", "p.jsonl"]])
+def test_generation_only_flags_need_a_model(files, flag, capsys):
     data, seed0, _ = files
     with pytest.raises(SystemExit):
-        main(["--data", data, "--predictions", seed0, "--adapter", "somewhere"])
+        main(["--data", data, "--predictions", seed0, *flag])
+    assert f"{flag[0]} needs --model" in capsys.readouterr().err
 
 
 def test_truncate_at_stop_text():
