@@ -7,6 +7,7 @@ subprocess so that peak resident memory is measured without interference. Naive 
 
     python bench/cpu_quick_check.py                       # N=2048, H=512, V=32000, fp32, 2 threads
     python bench/cpu_quick_check.py --tokens 512 --vocab 8000
+    python bench/cpu_quick_check.py --repeats 3           # alternate providers, report medians
 
 "Extra memory" is the peak resident set during forward+backward minus the resident set just before
 it (inputs already allocated). On Linux the peak is reset through /proc/self/clear_refs first; the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ class QuickCheckConfig:
     threads: int = 2  # torch.set_num_threads in each subprocess
     weight_grad: bool = True  # also compute grad_weight (False: frozen head, as with LoRA)
     seed: int = 0
+    repeats: int = 1  # fresh subprocesses per provider, alternated; medians are reported
 
 
 def _rss_kib(field: str) -> int:
@@ -115,23 +118,31 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=QuickCheckConfig.vocab)
     parser.add_argument("--threads", type=int, default=QuickCheckConfig.threads)
     parser.add_argument("--no-weight-grad", action="store_true")
+    parser.add_argument("--repeats", type=int, default=QuickCheckConfig.repeats)
     parser.add_argument("--provider", choices=PROVIDERS, help="internal: run one provider here")
     args = parser.parse_args()
     cfg = QuickCheckConfig(args.tokens, args.hidden_size, args.vocab, args.threads,
-                           not args.no_weight_grad)
+                           not args.no_weight_grad, repeats=args.repeats)
 
     if args.provider:
         print(json.dumps(run_one(args.provider, cfg)))
         return
 
     print(f"config: {json.dumps(asdict(cfg))}")
-    rows = []
-    for provider in PROVIDERS:
-        cmd = [sys.executable, __file__, "--provider", provider, "--tokens", str(cfg.tokens),
-               "--hidden-size", str(cfg.hidden_size), "--vocab", str(cfg.vocab),
-               "--threads", str(cfg.threads)] + (["--no-weight-grad"] if not cfg.weight_grad else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    runs = {provider: [] for provider in PROVIDERS}
+    for _ in range(cfg.repeats):  # alternate so that a load spike on a shared machine hits both
+        for provider in PROVIDERS:
+            cmd = [sys.executable, __file__, "--provider", provider, "--tokens", str(cfg.tokens),
+                   "--hidden-size", str(cfg.hidden_size), "--vocab", str(cfg.vocab),
+                   "--threads", str(cfg.threads)] + (["--no-weight-grad"] if not cfg.weight_grad else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[provider].append(json.loads(out.strip().splitlines()[-1]))
+    rows = [{key: (statistics.median(r[key] for r in runs[provider])
+                   if isinstance(runs[provider][0][key], float) else runs[provider][0][key])
+             for key in runs[provider][0]} for provider in PROVIDERS]
+    if cfg.repeats > 1:
+        for provider in PROVIDERS:
+            print(f"{provider} seconds per run: {[round(r['seconds'], 3) for r in runs[provider]]}")
     print(f"{'provider':<12} {'fwd+bwd s':>10} {'extra MiB':>10} {'beyond outputs MiB':>19}")
     for row in rows:
         print(f"{row['provider']:<12} {row['seconds']:>10.3f} {row['extra_mib']:>10.1f} "
