@@ -15,12 +15,14 @@ from pvfast.packing import (
     build_packed_batch,
     group_tree_tokens,
     pack,
+    packed_attention_mask,
     packed_forward,
     packed_token_logprobs,
     tree_mask_mod,
 )
+from pvfast.testing import load_tiny_model, load_tiny_tokenizer
 
-VOCAB = 97  # tiny test models; odd on purpose
+VOCAB = 97  # random token ids below this (valid for the tiny models' larger vocabulary)
 
 
 # ---------------------------------------------------------------- the docstring example
@@ -262,25 +264,15 @@ def test_pv_miner_shaped_workload_shares_the_instruction():
 
 
 def _tiny_model(arch: str, lora: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True, attn_implementation="sdpa"))
-    model.eval()
+    """The project's tiny model in eval mode; with LoRA, B matrices randomised so the adapters are active
+    (peft starts B at zero, which leaves the output unchanged and every A gradient zero)."""
+    model = load_tiny_model(arch, lora=lora).eval()
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        # init_lora_weights=False: random B as well as A, so the adapters change the output and both get
-        # non-trivial gradients.
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"],
-                            init_lora_weights=False, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 
 
@@ -295,20 +287,21 @@ def _separate_logprobs(model, groups):
     return torch.cat(out)
 
 
-def _workload(kind: str, seed: int = 0):
+def _workload(kind: str, seed: int = 0, vocab: int = VOCAB):
+    """Random ids: SFT groups sharing an instruction, or pairs with k rejected sharing starts with chosen."""
     rng = random.Random(seed)
-    instruction = [rng.randrange(VOCAB) for _ in range(24)]
+    instruction = [rng.randrange(vocab) for _ in range(24)]
     if kind == "sft":
-        return [CompletionGroup(instruction + [rng.randrange(VOCAB) for _ in range(rng.randint(3, 6))],
-                                [[rng.randrange(VOCAB) for _ in range(rng.randint(4, 9))]], key=i)
+        return [CompletionGroup(instruction + [rng.randrange(vocab) for _ in range(rng.randint(3, 6))],
+                                [[rng.randrange(vocab) for _ in range(rng.randint(4, 9))]], key=i)
                 for i in range(4)]
     k = {"pairs_k1": 1, "pairs_k3": 3}[kind]
     groups = []
     for i in range(3):
-        chosen = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 9))]
-        rejected = [chosen[: rng.randint(0, 4)] + [rng.randrange(VOCAB) for _ in range(rng.randint(3, 8))]
+        chosen = [rng.randrange(vocab) for _ in range(rng.randint(5, 9))]
+        rejected = [chosen[: rng.randint(0, 4)] + [rng.randrange(vocab) for _ in range(rng.randint(3, 8))]
                     for _ in range(k)]
-        groups.append(CompletionGroup(instruction + [rng.randrange(VOCAB) for _ in range(5)], [chosen] + rejected,
+        groups.append(CompletionGroup(instruction + [rng.randrange(vocab) for _ in range(5)], [chosen] + rejected,
                                       key=i))
     return groups
 
@@ -325,12 +318,12 @@ def test_tree_logprobs_equal_separate_sequences(arch, kind):
         ref = _separate_logprobs(model, groups)
     assert tree.shape == (batch.num_scored,) == ref.shape
     torch.testing.assert_close(tree, ref, atol=1e-5, rtol=0)
-    # Hidden states too: a packed token's state equals the separate sequence's at the same prefix.
+    # Hidden states too: the last prompt token's state equals the separate sequence's.
     with torch.no_grad():
         hidden = packed_forward(model, batch)
         seq = groups[-1].sequences()[-1]
         alone = model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0]
-    assert hidden.shape == (batch.num_tokens, 32)
+    assert hidden.shape == (batch.num_tokens, model.config.hidden_size)
     last_prompt_row = batch.score_positions[batch.score_segments == batch.num_segments - 1][0]
     torch.testing.assert_close(hidden[last_prompt_row], alone[len(groups[-1].prompt_ids) - 1], atol=1e-5, rtol=0)
 
@@ -359,9 +352,51 @@ def test_lora_logprobs_and_gradients_equal_separate_sequences(arch):
 
 def test_eager_attention_takes_the_additive_mask():
     model = _tiny_model("llama")
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     groups = _workload("pairs_k1", seed=2)
     (batch,) = pack(groups, token_budget=512)
+    assert packed_attention_mask(model, batch).dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(packed_token_logprobs(model, batch), _separate_logprobs(model, groups),
+                                   atol=1e-5, rtol=0)
+
+
+def test_unsupported_attention_implementation_errors():
+    model = _tiny_model("qwen2")
+    model.config._attn_implementation = "flash_attention_2"  # no arbitrary masks there
+    with pytest.raises(ValueError, match="'flash_attention_2' cannot take a tree mask"):
+        packed_attention_mask(model, pack(_docstring_groups(), token_budget=64)[0])
+
+
+def _real_text_groups(tokenizer, n: int, seed: int) -> list[CompletionGroup]:
+    """Real prompt shape: the instruction through the chat template, a synthetic message, the canonical JSON
+    answer as chosen and the answer without its last triple as rejected (both end with the EOS token)."""
+    from pvfast.data.jsonfmt import serialize
+    from pvfast.data.synth import generate_corpus
+    from pvfast.prompt import build_prompt
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    groups = []
+    for ex in generate_corpus(n, seed=seed):
+        chosen = ids(serialize(ex.annotations)) + [tokenizer.eos_token_id]
+        rejected = ids(serialize(ex.annotations[:-1])) + [tokenizer.eos_token_id]
+        groups.append(CompletionGroup(ids(build_prompt(tokenizer, ex.direction, ex.message)), [chosen, rejected],
+                                      key=ex.id))
+    return groups
+
+
+def test_real_prompts_pack_exactly_with_the_instruction_once():
+    tokenizer = load_tiny_tokenizer("llama")
+    groups = _real_text_groups(tokenizer, n=2, seed=1)
+    (batch,) = pack(groups, token_budget=8192)
+    # Unshared: the ~3.5k-token prompt runs once per completion (4 times); packed: the common start once.
+    common = min(packing._common_prefix_len(groups[0].prompt_ids, g.prompt_ids) for g in groups[1:])
+    assert common > 3000
+    assert batch.tree_tokens == _distinct_prefix_count([s for g in groups for s in g.sequences()])
+    assert batch.tree_tokens < batch.unshared_tokens / 3
+    model = _tiny_model("llama")
     with torch.no_grad():
         torch.testing.assert_close(packed_token_logprobs(model, batch), _separate_logprobs(model, groups),
                                    atol=1e-5, rtol=0)
@@ -370,11 +405,14 @@ def test_eager_attention_takes_the_additive_mask():
 @pytest.mark.slow
 def test_flex_attention_block_mask_matches_separate_sequences():
     # The first FlexAttention call compiles (~20 s on the CPU): one small case only.
+    from torch.nn.attention.flex_attention import BlockMask
+
     model = _tiny_model("llama")
     groups = _workload("pairs_k1", seed=3)
     (batch,) = pack(groups, token_budget=512)
     with torch.no_grad():
         ref = _separate_logprobs(model, groups)
-        model.config._attn_implementation = "flex_attention"
+        model.set_attn_implementation("flex_attention")
+        assert isinstance(packed_attention_mask(model, batch), BlockMask)
         tree = packed_token_logprobs(model, batch)
     torch.testing.assert_close(tree, ref, atol=1e-5, rtol=0)
