@@ -132,10 +132,11 @@ def generate_completions(
     pad_id = _pad_id(tokenizer)
     eos_ids = stop_token_ids(model, tokenizer)
     gen_config = _greedy_config(model, max_new_tokens, pad_id, eos_ids, stop_text)
-    device = next(model.parameters()).device
+    # Inputs go where the embeddings are (HF models expose it as .device, also under device_map).
+    device = getattr(model, "device", None) or next(model.parameters()).device
     eos_set = set(eos_ids)
 
-    outputs: list[str | None] = [None] * len(examples)
+    outputs = [""] * len(examples)
     was_training = model.training
     model.eval()
     try:
@@ -156,7 +157,7 @@ def generate_completions(
                     outputs[i] = truncate_at_stop_text(text, stop_text)
     finally:
         model.train(was_training)
-    return [o if o is not None else "" for o in outputs]
+    return outputs
 
 
 # ----------------------------------------------------------------------------------------------------
