@@ -263,10 +263,10 @@ def test_pv_miner_shaped_workload_shares_the_instruction():
 # ---------------------------------------------------------------- exactness on tiny models
 
 
-def _tiny_model(arch: str, lora: bool = False):
+def _tiny_model(arch: str, lora: bool = False, quant: str = "none"):
     """The project's tiny model in eval mode; with LoRA, B matrices randomised so the adapters are active
     (peft starts B at zero, which leaves the output unchanged and every A gradient zero)."""
-    model = load_tiny_model(arch, lora=lora).eval()
+    model = load_tiny_model(arch, quant=quant, lora=lora).eval()
     if lora:
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -328,9 +328,9 @@ def test_tree_logprobs_equal_separate_sequences(arch, kind):
     torch.testing.assert_close(hidden[last_prompt_row], alone[len(groups[-1].prompt_ids) - 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lora_logprobs_and_gradients_equal_separate_sequences(arch):
-    model = _tiny_model(arch, lora=True)
+@pytest.mark.parametrize(("arch", "quant"), [("llama", "none"), ("qwen2", "none"), ("llama", "nf4")])
+def test_lora_logprobs_and_gradients_equal_separate_sequences(arch, quant):
+    model = _tiny_model(arch, lora=True, quant=quant)
     groups = _workload("pairs_k3", seed=1)
     (batch,) = pack(groups, token_budget=512)
     # An upstream gradient that is not all ones: per-token weights times a per-completion sign.
