@@ -59,6 +59,21 @@ Packing (:func:`pack`) is first-fit-decreasing on the *marginal* cost of a group
 to a pack; the shared instruction is paid once per pack), never exceeding the token budget. The result is
 deterministic: groups are ordered by standalone cost, ties by input order, and each pack lists its groups in
 input order. SFT uses the same packer with one completion per group.
+
+Masks by attention implementation: SDPA takes the (1, 1, L, L) boolean mask (True = attend; O(L²) memory,
+fine on the CPU and for rows of a few thousand tokens); eager takes it as an additive float mask;
+FlexAttention (the GPU path) takes a ``BlockMask`` built from ``subtree_end``, and skips the blocks where
+branches do not see each other. Padding tokens (``pad_to_multiple``) are isolated roots: each attends only to
+itself, so no attention row is empty.
+
+Usage, with the per-completion sums of :mod:`pvfast.stats`::
+
+    batches = pack(groups, token_budget=16384)
+    for batch in batches:
+        batch = batch.to(device)
+        logp = packed_token_logprobs(model, batch)                        # (N,)
+        stats = segment_stats_reference(logp, batch.score_weights, batch.score_segments,
+                                        batch.num_segments, tau)          # (M, NUM_STATS)
 """
 
 from __future__ import annotations
@@ -492,21 +507,25 @@ def packed_attention_mask(model, batch: PackedBatch):
                      f"{ATTENTION_IMPLEMENTATIONS}")
 
 
-def packed_forward(model, batch: PackedBatch) -> torch.Tensor:
-    """Last hidden states (L, H) of a HF causal LM (optionally peft-wrapped) on one packed row."""
+def packed_forward(model, batch: PackedBatch, attention_mask=None) -> torch.Tensor:
+    """Last hidden states (L, H) of a HF causal LM (optionally peft-wrapped) on one packed row.
+
+    ``attention_mask``: a mask from :func:`packed_attention_mask` to reuse (the policy pass and the
+    adapters-disabled reference pass of the same row need the same one); built here when None.
+    """
     decoder = _causal_lm(model).get_decoder()
     out = decoder(
         input_ids=batch.input_ids[None],
-        attention_mask=packed_attention_mask(model, batch),
+        attention_mask=packed_attention_mask(model, batch) if attention_mask is None else attention_mask,
         position_ids=batch.position_ids[None],
         use_cache=False,
     )
     return out.last_hidden_state[0]
 
 
-def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+def packed_token_logprobs(model, batch: PackedBatch, attention_mask=None) -> torch.Tensor:
     """(N,) float32 log-prob of every scored token, in ``score_*`` order (plain torch, O(N·V) memory)."""
-    hidden = packed_forward(model, batch)
+    hidden = packed_forward(model, batch, attention_mask)
     head = _causal_lm(model).get_output_embeddings()
     h = hidden[batch.score_positions].to(head.weight.dtype)
     logits = torch.nn.functional.linear(h, head.weight, head.bias).float()

@@ -20,6 +20,7 @@ from pvfast.packing import (
     packed_token_logprobs,
     tree_mask_mod,
 )
+from pvfast.stats import segment_stats_reference
 from pvfast.testing import load_tiny_model, load_tiny_tokenizer
 
 VOCAB = 97  # random token ids below this (valid for the tiny models' larger vocabulary)
@@ -349,6 +350,14 @@ def test_lora_logprobs_and_gradients_equal_separate_sequences(arch, quant):
         assert g_ref.abs().max() > 0
         torch.testing.assert_close(g_tree, g_ref, atol=1e-5, rtol=1e-4)
 
+    # The reference pass (same model, adapters disabled, no grad) reuses the policy pass's mask.
+    mask = packed_attention_mask(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        tree_reference = packed_token_logprobs(model, batch, attention_mask=mask)
+        separate_reference = _separate_logprobs(model, groups)
+    torch.testing.assert_close(tree_reference, separate_reference, atol=1e-5, rtol=0)
+    assert (tree_reference - tree.detach()).abs().max() > 1e-3  # the adapters did change the policy
+
 
 def test_eager_attention_takes_the_additive_mask():
     model = _tiny_model("llama")
@@ -398,8 +407,16 @@ def test_real_prompts_pack_exactly_with_the_instruction_once():
     assert batch.tree_tokens < batch.unshared_tokens / 3
     model = _tiny_model("llama")
     with torch.no_grad():
-        torch.testing.assert_close(packed_token_logprobs(model, batch), _separate_logprobs(model, groups),
-                                   atol=1e-5, rtol=0)
+        tree = packed_token_logprobs(model, batch)
+        ref = _separate_logprobs(model, groups)
+    torch.testing.assert_close(tree, ref, atol=1e-5, rtol=0)
+    # What the objectives read: per-completion sums over score_segments, the same as run separately.
+    weights = torch.linspace(0.5, 2.0, batch.num_scored)
+    stats_tree = segment_stats_reference(tree, weights, batch.score_segments, batch.num_segments, tau=0.9)
+    lengths = [len(c) for g in groups for c in g.completions]
+    separate_segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    stats_ref = segment_stats_reference(ref, weights, separate_segments, len(lengths), tau=0.9)
+    torch.testing.assert_close(stats_tree, stats_ref, atol=1e-4, rtol=1e-6)
 
 
 @pytest.mark.slow
