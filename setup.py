@@ -25,7 +25,7 @@ def cpp_extension_kwargs() -> dict:
         _log("PVFAST_SKIP_CPP_BUILD=1: not building the C++ extension pvfast._C")
         return {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, library_paths
     except ImportError as exc:
         _log(f"torch is not importable at build time ({exc}); not building pvfast._C. "
              "Install torch first, then `pip install --no-build-isolation -e .` "
@@ -35,11 +35,15 @@ def cpp_extension_kwargs() -> dict:
     # exp kernel into min/max instead of branches; values are unchanged.
     # Apple clang has no -fopenmp; there the pragmas are ignored and the ops run on one thread.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    # rpath to torch's lib folder: `import pvfast._C` works before `import torch`, and libgomp.so.1
+    # then resolves to torch's copy as well (one OpenMP runtime in the process).
+    linux = sys.platform.startswith("linux")
+    rpath = [f"-Wl,-rpath,{path}" for path in library_paths()] if linux else []
     extension = CppExtension(
         name="pvfast._C",
         sources=CPP_SOURCES,
         extra_compile_args=["-O3", "-fno-trapping-math", *openmp],
-        extra_link_args=openmp,
+        extra_link_args=[*openmp, *rpath],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
