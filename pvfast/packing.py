@@ -118,14 +118,20 @@ class CompletionGroup:
                     raise ValueError(f"{name}: completion {j} has {len(c)} tokens but {len(w)} weights")
 
     def sequences(self) -> list[list[int]]:
-        """Full token sequences ``prompt_ids + completion``, one per completion."""
-        prompt = list(self.prompt_ids)
-        return [prompt + list(c) for c in self.completions]
+        """Full token sequences ``prompt_ids + completion``, one per completion, as lists of Python ints."""
+        prompt = _int_list(self.prompt_ids)
+        return [prompt + _int_list(c) for c in self.completions]
 
     @property
     def unshared_tokens(self) -> int:
         """Tokens the group costs when every completion runs as its own sequence."""
         return sum(len(self.prompt_ids) + len(c) for c in self.completions)
+
+
+def _int_list(ids) -> list[int]:
+    """Python ints from a list, tuple, numpy array or tensor (the trie compares list slices, which needs
+    plain ints to run at C speed)."""
+    return ids.tolist() if hasattr(ids, "tolist") else [int(t) for t in ids]
 
 
 def _group_name(group: CompletionGroup, index: int) -> str:
@@ -445,7 +451,7 @@ def assign_packs(items: Sequence[CompletionGroup], token_budget: int) -> list[li
     trees: list[_RadixTree] = []
     members: list[list[int]] = []
     for i in order:
-        prompt = list(items[i].prompt_ids)
+        prompt = _int_list(items[i].prompt_ids)
         for tree, member in zip(trees, members):
             if tree.size + costs[i] <= token_budget:
                 fits = True  # fits even with nothing shared: skip the walk

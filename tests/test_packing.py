@@ -203,6 +203,17 @@ def test_padding_and_budget_multiple():
         pack(groups, token_budget=20, pad_to_multiple=16)
 
 
+def test_array_inputs_pack_like_lists():
+    import numpy as np
+
+    lists = _random_groups(random.Random(7), n_groups=4, vocab=4, shared_prefix=[1, 2, 3])
+    arrays = [CompletionGroup(np.array(g.prompt_ids), [torch.tensor(c, dtype=torch.int64) for c in g.completions],
+                              [np.array(w) for w in g.weights], key=g.key) for g in lists]
+    (a,), (b,) = pack(lists, token_budget=256), pack(arrays, token_budget=256)
+    for name in ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets", "score_weights"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_oversize_group_error_names_it():
     groups = [CompletionGroup([1, 2], [[3]], key="small"), CompletionGroup([1, 2, 3, 4], [[5, 6]], key="rec-17")]
     with pytest.raises(ValueError, match=r"group 1 \(key 'rec-17'\) needs 6 tokens on its own but token_budget is 5"):
