@@ -4,9 +4,9 @@
 // Parallelism: OpenMP over tokens. The linear backward with a weight gradient also splits the
 // vocabulary across threads with a rotating (Latin-square) schedule so that every grad_hidden row
 // and every grad_weight row has exactly one writer at a time: no atomics, no per-thread copies.
-// Torch is imported first (pvfast._cpp does it), so the extension's libgomp.so.1 dependency resolves
-// to the copy torch already loaded: one OpenMP runtime, and ATen calls made inside a parallel
-// region (at::mm on a tile) see omp_in_parallel() and run single-threaded instead of nesting.
+// The extension's libgomp.so.1 dependency resolves to torch's copy (torch is imported first, and
+// setup.py adds an rpath to torch's lib folder): one OpenMP runtime, so ATen calls made inside a
+// parallel region (at::mm on a tile) see omp_in_parallel() and run single-threaded, not nested.
 
 #include "pvfast_ops.h"
 
