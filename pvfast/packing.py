@@ -233,7 +233,8 @@ def tree_mask_mod(subtree_end: torch.Tensor):
 
 
 class _RadixNode:
-    """A maximal unbranched run of trie tokens; children keyed by their first token, in insertion order."""
+    """An unbranched run of trie tokens stored together (a radix-tree edge); children keyed by their first
+    token, in insertion order (which is the depth-first order of the flattened row)."""
 
     __slots__ = ("tokens", "children", "start", "end")
 
