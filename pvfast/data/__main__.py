@@ -4,6 +4,7 @@
     python -m pvfast.data validate data/pv-synth/train.jsonl
     python -m pvfast.data validate prefs.jsonl --kind preference
     python -m pvfast.data convert published_dataset_dir/ train.jsonl [--skip-invalid]
+    python -m pvfast.data demo [--n 1137] [--seed 0] [--out DIR]
 
 ``validate`` and ``convert`` refuse a file with any invalid record (exit code 2, one line per problem
 naming file, line and field) unless ``--skip-invalid`` is given, which reports what was skipped and why.
@@ -69,6 +70,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pvfast.data.demo import run_demo
+
+    run_demo(n=args.n, seed=args.seed, out=args.out, arch=args.arch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pvfast.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="run the data pipeline on the synthetic corpus and print statistics")
+    p.add_argument("--n", type=int, default=1137, help="number of messages (default: 1137)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="keep the corpus files here (default: a temp dir)")
+    p.add_argument("--arch", choices=("llama", "qwen2"), default="qwen2", help="tiny tokenizer to use")
+    p.set_defaults(func=cmd_demo)
 
     for name, func, help_text in (("validate", cmd_validate, "check a data file and summarise it"),
                                   ("convert", cmd_convert, "read any supported layout, write pvfast JSONL")):
