@@ -307,6 +307,25 @@ def test_segment_stats_fwd_matches_reference():
 
 
 @needs_ext
+def test_segment_stats_many_tokens_use_the_threaded_path():
+    """Above 2^15 tokens the sums are split across threads (per-thread partial tables)."""
+    gen = torch.Generator().manual_seed(12)
+    n, num_segments, tau = 40_000, 37, 0.66
+    logp = -torch.rand(n, generator=gen) * 2
+    weights = 0.5 + torch.rand(n, generator=gen)
+    segment_ids = torch.randint(-1, num_segments, (n,), generator=gen)
+    stats = _C.segment_stats_fwd(logp, weights, segment_ids, num_segments, log_tau(tau))
+    expected = segment_stats_reference(logp.double(), weights.double(), segment_ids, num_segments, tau)
+    close(stats, expected, (1e-4, 1e-6))
+    grad_stats = torch.randn(num_segments, NUM_STATS, generator=gen)
+    x = logp.double().requires_grad_()
+    (segment_stats_reference(x, weights.double(), segment_ids, num_segments, tau)
+     * grad_stats.double()).sum().backward()
+    close(_C.segment_stats_bwd(logp, weights, segment_ids, grad_stats, log_tau(tau)), x.grad,
+          (1e-6, 1e-6))
+
+
+@needs_ext
 def test_segment_stats_bwd_matches_autograd_of_reference():
     logp, weights, segment_ids, num_segments = segment_inputs(seed=2)
     tau = 0.4
