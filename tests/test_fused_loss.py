@@ -13,12 +13,15 @@ from pvfast import FusedTokenPOLoss, PairIndex, causal_lm_rows
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.synth import generate_corpus
 from pvfast.losses import TabpoConfig, compute_objective, default_config, effective_token_weights, stats_from_padded
-from pvfast.prompt import build_prompt
+from pvfast.prompt import PromptTemplate, build_prompt
 from pvfast.testing import load_tiny_model, load_tiny_tokenizer
 from pvfast.tokenization import tokenize_pair_group
 from pvfast.weights import TokenWeightConfig
 
 IGNORE = -100
+# Exactness does not depend on the prompt's length; a short template keeps the test fast.
+SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN: {direction}\nContext: {message}"
+                                "\n\n\nOUTPUT:", source="test template")
 
 
 def _batch(tokenizer, n_examples=2):
@@ -33,7 +36,7 @@ def _batch(tokenizer, n_examples=2):
         rejected = [serialize(anns[:-1]),  # one triple missing
                     serialize([dataclasses.replace(anns[0], span=anns[0].span[: max(1, len(anns[0].span) // 2)])]
                               + anns[1:])]  # a shortened span
-        group = tokenize_pair_group(tokenizer, build_prompt(tokenizer, ex.direction, ex.message), serialize(anns),
+        group = tokenize_pair_group(tokenizer, build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE), serialize(anns),
                                     rejected, TokenWeightConfig())
         for j, rej in enumerate(group.rejected):
             rows.append((group.chosen.input_ids, len(group.prompt_ids), group.chosen_pair_weights[j]))
@@ -129,7 +132,10 @@ def test_fused_loss_matches_reference(setup, objective, config, impl):
     grads = _lora_grads(model)
 
     assert out.loss.dtype == torch.float32
-    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
+    # The fused path is fp32 and blocks the lm_head matmul differently from the model's own lm_head:
+    # per-token ℓ agree to ~1e-6, and summed scores (DPO) add ~200 of them (|ℓ| ≈ 8) per pair, so the
+    # loss agrees to a few 1e-5 relative; mean-based scores agree tighter.
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=5e-5, atol=1e-5)
     for key, value in ref.metrics.items():
         torch.testing.assert_close(out.metrics[key].double(), value.double(), rtol=1e-4, atol=1e-5, msg=key)
     assert grads.keys() == ref_grads.keys() and grads
