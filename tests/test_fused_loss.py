@@ -136,9 +136,11 @@ def test_fused_loss_matches_reference(setup, objective, config, impl):
     # per-token ℓ agree to ~1e-6, and summed scores (DPO) add ~200 of them (|ℓ| ≈ 8) per pair, so the
     # loss agrees to a few 1e-5 relative; mean-based scores agree tighter.
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=5e-5, atol=1e-5)
-    # Rewards of summed scores are β·(Σℓ_θ − Σℓ_ref), a difference of two ≈ −800 fp32 sums: absolute 1e-4.
+    # Per-token ℓ agree to ~1e-6 (checked by hand: max 1.2e-6 over 790 tokens), but the Triton and torch
+    # backends accumulate each completion's Σℓ (≈ −800 over ~100 tokens) in fp32, whose rounding is
+    # ~1e-4 per sum; summed-score margins and rewards combine four such sums: absolute 5e-4.
     for key, value in ref.metrics.items():
-        torch.testing.assert_close(out.metrics[key].double(), value.double(), rtol=1e-4, atol=1e-4,
+        torch.testing.assert_close(out.metrics[key].double(), value.double(), rtol=1e-4, atol=5e-4,
                                    msg=lambda m, key=key: f"metric {key}: {m}")
     assert grads.keys() == ref_grads.keys() and grads
     for name, g in grads.items():
