@@ -1,0 +1,219 @@
+"""Reference statistics for the reference-adjusted objectives: on the fly, or precomputed once and cached.
+
+The reference is the SFT model. Under LoRA it is the same network with the adapters disabled (torchtune's
+LoRA-DPO recipe does the same), so no second copy of the weights is held. Its (M, 7) per-completion
+statistics come from the same tree-packed row (:func:`pvfast.packing.packed_forward`) and the same fused
+op (:meth:`FusedTokenPOLoss.statistics`, hence the same token weights and gate threshold) as the policy's,
+under ``torch.no_grad`` and in eval mode (no dropout).
+
+Precomputing (``--precompute-ref``): :func:`precompute_reference` scores every batch once before training
+and stores the statistics in one safetensors file; a step then reads them with
+:meth:`ReferenceCache.get` instead of running a reference forward. Entries are keyed by a SHA-256 of the
+batch's content (token ids, tree structure, scoring rows, token weights), so a cache computed from other
+data, another token budget or other token weights has no entry for the batch and is refused with an error;
+the settings that change the statistics without changing the batch (gate threshold τ, the token-weighting
+switch) are stored in the file's metadata and checked on load.
+
+File layout (safetensors, tensors only)::
+
+    stats/<sha256 of batch content>   (M, 7) float32, rows in the batch's segment order
+    metadata: format, tau, token_weighting, batches
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from pvfast.batching import LossBatch
+from pvfast.fused_loss import FusedTokenPOLoss
+from pvfast.packing import packed_forward
+
+CACHE_FORMAT = "pvfast-reference-v1"
+_HASHED_FIELDS = ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets",
+                  "score_segments", "score_weights")  # everything the statistics of a row depend on
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """(V, H) output projection of a causal LM (peft-wrapped or not); the fused op takes no bias."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); pass a *ForCausalLM")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which the fused scoring op does not take")
+    return head.weight
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode inside the block (no dropout), every module's own training flag restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def frozen_model_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attention_mask=None) -> torch.Tensor:
+    """(M, 7) statistics of ``model`` as it is (no grad, eval mode) on ``batch``.
+
+    ``attention_mask``: the mask of :func:`pvfast.packing.packed_attention_mask` to reuse (the policy pass
+    of the same row builds the same one).
+    """
+    with torch.no_grad(), _eval_mode(model):
+        hidden = packed_forward(model, batch.packed, attention_mask)
+        return loss_fn.statistics(batch.scoring_rows(hidden), lm_head_weight(model))
+
+
+def reference_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attention_mask=None) -> torch.Tensor:
+    """(M, 7) reference statistics: ``model`` with its LoRA adapters disabled, no grad, on ``batch``.
+
+    Raises TypeError for a model without adapters (a plain model *is* its own policy, so disabling nothing
+    would give a zero margin): wrap it with peft, or precompute a cache from the reference model with
+    ``precompute_reference(..., disable_adapters=False)``. Raises ValueError for a reference-free objective.
+    """
+    if not loss_fn.needs_reference:
+        raise ValueError(f"objective {loss_fn.objective!r} is reference-free; it takes no reference statistics")
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError(f"reference_stats needs a peft model (the reference is the same network with its LoRA "
+                        f"adapters disabled), got {type(model).__name__}; wrap it with peft, or precompute a "
+                        f"reference cache from the reference model (precompute_reference(..., "
+                        f"disable_adapters=False))")
+    with model.disable_adapter():
+        return frozen_model_stats(model, batch, loss_fn, attention_mask)
+
+
+def batch_key(batch: LossBatch) -> str:
+    """SHA-256 (hex) of everything a row's statistics depend on: tokens, tree, scoring rows and weights."""
+    digest = hashlib.sha256()
+    for name in _HASHED_FIELDS:
+        tensor = getattr(batch.packed, name).detach().cpu().contiguous()
+        # dtype and shape in the hash: equal bytes under a different layout are different content
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _settings(loss_fn: FusedTokenPOLoss) -> dict[str, str]:
+    """The loss settings that change the statistics of an unchanged batch."""
+    return {"tau": repr(float(loss_fn.tau)), "token_weighting": str(bool(loss_fn.config.token_weighting))}
+
+
+class ReferenceCache:
+    """Precomputed reference statistics by batch content (see the module docstring).
+
+    ``get(batch) -> (M, 7)`` float32 on the device of the batch's tensors.
+    """
+
+    def __init__(self, stats: dict[str, torch.Tensor], settings: dict[str, str], path: Path | None = None):
+        self._stats = stats
+        self.settings = settings
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def __contains__(self, batch: LossBatch) -> bool:
+        return batch_key(batch) in self._stats
+
+    def get(self, batch: LossBatch) -> torch.Tensor:
+        key = batch_key(batch)
+        stats = self._stats.get(key)
+        where = f"reference cache {self.path}" if self.path is not None else "reference cache"
+        if stats is None:
+            raise KeyError(f"{where} has no entry for this batch ({batch.packed.num_segments} completions, "
+                           f"records {list(batch.record_ids[:3])}{'...' if len(batch.record_ids) > 3 else ''}, "
+                           f"content {key[:12]}): it was computed from other data, another token budget or "
+                           f"other token weights; delete it and precompute again")
+        if stats.shape[0] != batch.packed.num_segments:  # only a corrupted file gets here
+            raise ValueError(f"{where}: entry {key[:12]} has {stats.shape[0]} rows for "
+                             f"{batch.packed.num_segments} completions")
+        return stats.to(batch.packed.input_ids.device)
+
+    def check_settings(self, loss_fn: FusedTokenPOLoss) -> None:
+        """Raise ValueError if the cache was computed under other gate/weighting settings than ``loss_fn``."""
+        expected = _settings(loss_fn)
+        for name, value in expected.items():
+            if self.settings.get(name) != value:
+                raise ValueError(f"reference cache {self.path}: computed with {name}={self.settings.get(name)}, "
+                                 f"but the loss uses {name}={value}; delete it and precompute again")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tensors = {f"stats/{key}": value.detach().cpu().contiguous() for key, value in self._stats.items()}
+        metadata = {"format": CACHE_FORMAT, "batches": str(len(self._stats)), **self.settings}
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, loss_fn: FusedTokenPOLoss | None = None) -> ReferenceCache:
+        """Read a cache file; with ``loss_fn`` its settings are checked against the file's."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CACHE_FORMAT:
+                raise ValueError(f"{path}: not a pvfast reference cache (format {metadata.get('format')!r}, "
+                                 f"expected {CACHE_FORMAT!r})")
+            stats = {name.removeprefix("stats/"): handle.get_tensor(name) for name in handle.keys()}
+        settings = {k: v for k, v in metadata.items() if k not in ("format", "batches")}
+        cache = cls(stats, settings, path)
+        if loss_fn is not None:
+            cache.check_settings(loss_fn)
+        return cache
+
+
+def precompute_reference(
+    model,
+    batches: Iterable[LossBatch],
+    loss_fn: FusedTokenPOLoss,
+    cache_path: str | os.PathLike,
+    *,
+    disable_adapters: bool = True,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+) -> ReferenceCache:
+    """Score every batch once with the reference and store the statistics at ``cache_path``.
+
+    Args:
+        model: a peft model whose adapters are disabled for scoring (``disable_adapters=True``), or the
+            reference model itself (``disable_adapters=False``, scored as it is).
+        batches: the training batches (any device; each is moved to ``device`` for scoring).
+        loss_fn: the loss of the run (its token-weighting switch and τ shape the statistics).
+        device: where to score (None: where each batch already is).
+        overwrite: replace an existing file that does not cover ``batches``; without it such a file is an
+            error (it belongs to other data), and a file that covers every batch is reused as is.
+    Returns:
+        the cache, loaded back from disk (what a resumed run reads).
+    """
+    path = Path(cache_path)
+    batches: Sequence[LossBatch] = list(batches)
+    if path.exists() and not overwrite:
+        cache = ReferenceCache.load(path, loss_fn)
+        missing = sum(batch not in cache for batch in batches)
+        if missing:
+            raise ValueError(f"{path} exists but has no entry for {missing} of {len(batches)} batches (it was "
+                             f"computed from other data or settings); delete it or pass overwrite=True")
+        return cache
+    score = reference_stats if disable_adapters else frozen_model_stats
+    stats = {}
+    for batch in batches:
+        key = batch_key(batch)
+        if key not in stats:  # identical rows (e.g. duplicated records) are scored once
+            stats[key] = score(model, batch if device is None else batch.to(device), loss_fn).float().cpu()
+    ReferenceCache(stats, _settings(loss_fn)).save(path)
+    return ReferenceCache.load(path, loss_fn)
