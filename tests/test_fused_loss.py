@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from pvfast import FusedTokenPOLoss, PairIndex, causal_lm_rows
+from pvfast import FusedTokenPOLoss, causal_lm_rows
+from pvfast.collate import collate_pair_groups
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.synth import generate_corpus
 from pvfast.losses import TabpoConfig, compute_objective, default_config, effective_token_weights, stats_from_padded
@@ -25,34 +26,18 @@ SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN
 
 
 def _batch(tokenizer, n_examples=2):
-    """Padded rows [chosen for pair 1, rejected 1, chosen for pair 2, rejected 2, ...] with labels/weights.
-
-    Each pair carries its own chosen weights (diff against that pair's rejected), as the released code.
-    """
+    """Padded rows [chosen for pair 1, rejected 1, chosen for pair 2, ...] (pvfast.collate)."""
     examples = [e for e in generate_corpus(n=40, seed=3) if len(e.annotations) >= 2][:n_examples]
-    rows = []  # (input_ids, n_prompt, weights over completion)
+    groups = []
     for ex in examples:
         anns = list(ex.annotations)
         rejected = [serialize(anns[:-1]),  # one triple missing
                     serialize([dataclasses.replace(anns[0], span=anns[0].span[: max(1, len(anns[0].span) // 2)])]
                               + anns[1:])]  # a shortened span
-        group = tokenize_pair_group(tokenizer, build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE), serialize(anns),
-                                    rejected, TokenWeightConfig())
-        for j, rej in enumerate(group.rejected):
-            rows.append((group.chosen.input_ids, len(group.prompt_ids), group.chosen_pair_weights[j]))
-            rows.append((rej.input_ids, len(rej.prompt_ids), rej.weights))
-    length = max(len(ids) for ids, _, _ in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    weights = torch.zeros((len(rows), length), dtype=torch.float32)
-    for b, (ids, n_prompt, w) in enumerate(rows):
-        input_ids[b, : len(ids)] = torch.as_tensor(ids)
-        attention[b, : len(ids)] = 1
-        labels[b, n_prompt: len(ids)] = torch.as_tensor(ids[n_prompt:])
-        weights[b, n_prompt: len(ids)] = torch.as_tensor(w)
-    pairs = PairIndex(torch.arange(0, len(rows), 2), torch.arange(1, len(rows), 2))
-    return input_ids, attention, labels, weights, pairs
+        groups.append(tokenize_pair_group(tokenizer, build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE),
+                                          serialize(anns), rejected, TokenWeightConfig()))
+    b = collate_pair_groups(groups, tokenizer.pad_token_id)
+    return b.input_ids, b.attention_mask, b.labels, b.token_weights, b.pairs
 
 
 @pytest.fixture(scope="module")
