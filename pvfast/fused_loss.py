@@ -10,14 +10,14 @@ it (for a causal LM, the state of the token before t), its target id, its weight
 (segment) index. :func:`causal_lm_rows` turns the usual padded (B, T) layout with ``-100`` labels into
 scoring rows; the prefix-tree packer produces them directly.
 
-Use in a plain loop (see ``examples/fused_loss_hf_loop.py``)::
+Use in a plain loop (complete and tested: ``examples/fused_loss_hf_loop.py``)::
 
-    loss_fn = FusedTokenPOLoss("tabpo")                       # released preset
-    rows = causal_lm_rows(policy_hidden, labels, token_weights)  # (B, T, H), (B, T), (B, T)
-    with torch.no_grad(), model.disable_adapter():
-        ref_rows = causal_lm_rows(model(...).hidden_states[-1], labels, token_weights)
-        ref_stats = loss_fn.statistics(ref_rows, lm_head.weight)
-    out = loss_fn(rows, lm_head.weight, pairs=PairIndex.from_groups([3]), ref_stats=ref_stats)
+    loss_fn = FusedTokenPOLoss("tabpo")                               # released preset
+    base = peft_model.get_base_model()
+    hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state   # (B, T, H), no logits
+    rows = causal_lm_rows(hidden, labels, token_weights)              # labels: -100 off the completion
+    ref_stats = ...  # loss_fn.statistics(rows of the same batch, adapters disabled, no_grad)
+    out = loss_fn(rows, base.lm_head.weight, pairs=PairIndex(chosen_rows, rejected_rows), ref_stats=ref_stats)
     out.loss.backward(); out.metrics["reward_accuracy"]
 """
 
