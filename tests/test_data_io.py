@@ -115,9 +115,9 @@ BAD_SFT_CASES = {
     "annotation not object": (_mutate(["annotations", 0], "SDOH"), "annotations[0]", "wrong type"),
     "code wrong type": (_mutate(["annotations", 0, "Code"], None), "annotations[0].Code",
                         "wrong type: expected a string, got null"),
-    "unknown code": (_mutate(["annotations", 0, "Code"], "Finance"), "annotations[0].Code", "unknown code 'Finance'"),
+    "unknown code": (_mutate(["annotations", 0, "Code"], "Finance"), "annotations[0].Code", "unknown code (a string of 7 chars)"),
     "unknown sub-code": (_mutate(["annotations", 0, "Sub-code"], "Money"), "annotations[0].Sub-code",
-                         "unknown sub-code 'Money'"),
+                         "unknown sub-code (a string of 5 chars)"),
     "sub-code of another code": (_mutate(["annotations", 0, "Sub-code"], "signoff"), "annotations[0].Sub-code",
                                  "sub-code 'signoff' is not valid for code 'SDOH'"),
     "sub-code None for a code with sub-codes": (_mutate(["annotations", 0, "Sub-code"], "None"),
@@ -239,7 +239,19 @@ def test_long_label_values_are_not_quoted(tmp_path):
     row = good_rows()[0]
     row["annotations"][0]["Code"] = MESSAGE_N
     err = refused(write_lines(tmp_path / "leak.jsonl", [row]))
-    assert f"unknown code a string of {len(MESSAGE_N)} chars" in str(err)
+    assert f"unknown code (a string of {len(MESSAGE_N)} chars)" in str(err)
+    assert MESSAGE_N not in str(err)
+
+
+def test_short_label_values_are_not_quoted_either(tmp_path):
+    # Short text in a label field may still be patient text ("I hate my landlord"): never echoed. A near
+    # miss of a real label gets the canonical label as a hint (which names our label, not the user's text).
+    row = good_rows()[0]
+    row["annotations"][0]["Code"] = "I hate my landlord"
+    row["annotations"][0]["Sub-code"] = "EconomicStabilty"  # typo of a real sub-code
+    err = str(refused(write_lines(tmp_path / "leak.jsonl", [row])))
+    assert "landlord" not in err and "Stabilty" not in err
+    assert "unknown code (a string of 18 chars)" in err
 
 
 # --- published layout (saved Hugging Face dataset) --------------------------------------------------
@@ -375,7 +387,7 @@ def test_round_trip_preferences(tmp_path):
 BAD_PREFERENCE_CASES = {
     "chosen truncated": ("chosen", CHOSEN_N[:-3], "chosen", "not a strict JSON completion"),
     "chosen unknown code": ("chosen", CHOSEN_N.replace('"SDOH"', '"Money"'), "chosen",
-                            "format errors: results[0]: unknown Code 'Money'"),
+                            "format errors: results[0]: unknown Code (a string of 5 chars)"),
     "rejected single quotes": ("rejected", [REJECTED_LABEL.replace('"', "'")], "rejected[0]",
                                "not a strict JSON completion"),
     "rejected equals chosen": ("rejected", [REJECTED_LABEL, CHOSEN_N], "rejected[1]",

@@ -162,3 +162,14 @@ def test_long_unknown_labels_are_described_not_quoted():
     result = parse_output(text)
     assert result.errors == [f"results[0]: unknown Code (a string of {len(long_label)} chars)",
                              f"results[1]: unknown Sub-code (a string of {len(long_label)} chars)"]
+
+
+def test_unknown_labels_are_described_without_their_text():
+    out = '{"results": [{"Code": "I hate my landlord", "Sub-code": "None", "Span": "x"},' \
+          ' {"Code": "PartnershipPatient", "Sub-code": "Clinical Cair", "Span": "y"}]}'
+    result = parse_output(out)
+    errors = " | ".join(result.errors)
+    assert result.annotations == []
+    assert "landlord" not in errors and "Cair" not in errors
+    assert "unknown Code (a string of 18 chars)" in errors
+    assert "unknown Sub-code (a string of 13 chars; closest label: 'Clinical Care')" in errors

@@ -41,7 +41,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pvfast.codebook import (
+    CODES,
     DIRECTIONS,
+    NONE_SUBCODE,
+    SUBCODES,
     canonical_code,
     canonical_subcode,
     code_allowed,
@@ -49,14 +52,14 @@ from pvfast.codebook import (
     is_valid_pair,
     valid_subcodes,
 )
-from pvfast.data.jsonfmt import STOP_TEXT, parse_output
+from pvfast.data.jsonfmt import STOP_TEXT, describe_unknown_label, parse_output
 from pvfast.data.records import Annotation, Example, PreferenceRecord
 
 #: Problems listed in a :class:`DataError` message before "... and K more".
 MAX_LISTED_PROBLEMS = 20
-#: Longest label / direction / id value quoted in a problem (longer values are described by length,
-#: so a column holding message text by mistake cannot leak it into logs).
-MAX_QUOTED_LABEL_CHARS = 40
+#: Longest direction / id value quoted in a problem (longer values are described by length, so a column
+#: holding message text by mistake cannot leak it into logs). Label values are never quoted: see
+#: :func:`pvfast.data.jsonfmt.describe_unknown_label`.
 MAX_QUOTED_DIRECTION_CHARS = 8
 MAX_QUOTED_ID_CHARS = 60
 #: Separator between a saved DatasetDict directory and the split to read.
@@ -324,10 +327,10 @@ class _RowCheck:
         code = canonical_code(values["Code"])
         subcode = canonical_subcode(values["Sub-code"])
         if code is None:
-            self.add(f"{where}.Code", f"unknown code {_quote(values['Code'], MAX_QUOTED_LABEL_CHARS)}")
+            self.add(f"{where}.Code", f"unknown code {describe_unknown_label(values['Code'], CODES)}")
         if subcode is None:
             self.add(f"{where}.Sub-code",
-                     f"unknown sub-code {_quote(values['Sub-code'], MAX_QUOTED_LABEL_CHARS)}")
+                     f"unknown sub-code {describe_unknown_label(values['Sub-code'], (*SUBCODES, NONE_SUBCODE))}")
         if code is not None and subcode is not None and not is_valid_pair(code, subcode):
             self.add(f"{where}.Sub-code", f"sub-code {subcode!r} is not valid for code {code!r} "
                                           f"(valid: {', '.join(valid_subcodes(code))})")

@@ -13,12 +13,13 @@ a tolerant recovery of triple objects (truncated output, single quotes); unknown
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from pvfast.codebook import NONE_SUBCODE, canonical_code, canonical_subcode, is_valid_pair
+from pvfast.codebook import CODES, NONE_SUBCODE, SUBCODES, canonical_code, canonical_subcode, is_valid_pair
 from pvfast.data.records import Annotation
 
 #: Text the published models emit after the JSON; generation stops there.
@@ -96,15 +97,16 @@ def _item_fields(item: dict) -> dict[str, object]:
     return {_KEY_BY_LOWER.get(str(k).strip().lower(), str(k)): v for k, v in item.items()}
 
 
-#: Longest unknown label quoted in an error; longer values (e.g. message text in the wrong field) are
-#: described by their length so that errors never carry message text.
-MAX_QUOTED_LABEL_CHARS = 40
-
-
-def _label_repr(value: object) -> str:
-    if isinstance(value, str) and len(value) > MAX_QUOTED_LABEL_CHARS:
-        return f"(a string of {len(value)} chars)"
-    return repr(value)
+def describe_unknown_label(value: object, known: Iterable[str]) -> str:
+    """An unknown label for an error message, without its text: a label field may hold message or span
+    text (a column mix-up, a model that copied the message), so only its length is shown, plus the
+    closest canonical label when one is close (that names our label, not the user's text)."""
+    if not isinstance(value, str):
+        return f"(not a string: {type(value).__name__})"
+    by_key = {re.sub(r"\s+", "", k).lower(): k for k in known}
+    close = difflib.get_close_matches(re.sub(r"\s+", "", value).lower(), list(by_key), n=1, cutoff=0.75)
+    hint = f"; closest label: {by_key[close[0]]!r}" if close else ""
+    return f"(a string of {len(value)} chars{hint})"
 
 
 def _to_annotation(item: dict, where: str, result: ParseResult) -> None:
@@ -122,10 +124,10 @@ def _to_annotation(item: dict, where: str, result: ParseResult) -> None:
     code = canonical_code(raw_code) if isinstance(raw_code, str) else None
     sub = canonical_subcode(raw_sub) if isinstance(raw_sub, str) else None
     if code is None:
-        result.errors.append(f"{where}: unknown Code {_label_repr(raw_code)}")
+        result.errors.append(f"{where}: unknown Code {describe_unknown_label(raw_code, CODES)}")
         return
     if sub is None:
-        result.errors.append(f"{where}: unknown Sub-code {_label_repr(raw_sub)}")
+        result.errors.append(f"{where}: unknown Sub-code {describe_unknown_label(raw_sub, (*SUBCODES, NONE_SUBCODE))}")
         return
     if not is_valid_pair(code, sub):
         result.errors.append(f"{where}: Sub-code {sub!r} is not valid for Code {code!r}")
