@@ -25,7 +25,8 @@ Command lines::
 
     python -m pvfast.train                                     # pipeline, preset "tiny": CPU, minutes
     python -m pvfast.train sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
-    python -m pvfast.train po --preset llama-3.1-8b --config run.yaml --po.objective dpo --po.objective_config.beta 0.3
+    python -m pvfast.train po --preset llama-3.1-8b --config run.yaml --sft_adapter runs/sft/adapter \
+        --po.objective dpo --po.objective_config.beta 0.3
     python -m pvfast.train pipeline --preset tiny --model.quant nf4 --optim.lr=1e-3 --run.resume
 
 Values: bools ``true/false/1/0/yes/no``; ``none``/``null`` for optional fields; tuples as comma lists
@@ -113,7 +114,8 @@ class ModelConfig:
 
     name_or_path: str | None = None  # local directory or hub id; None = the embedded tiny model (pvfast.testing)
     tiny_arch: Literal["qwen2", "llama"] = "qwen2"  # which embedded tiny model, used when name_or_path is None
-    quant: Literal["none", "nf4"] = "nf4"  # nf4: 4-bit NF4 with double quantization (compute bf16 on GPU, fp32 on CPU)
+    # nf4: 4-bit NF4 weights with double quantization, compute in bf16 on GPU and fp32 on CPU
+    quant: Literal["none", "nf4"] = "nf4"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights/compute dtype; auto = bf16 on CUDA, fp32 on CPU
     lora_r: int = 16  # LoRA rank r
     lora_alpha: int = 32  # LoRA scale α (the update is scaled by α / r)
@@ -139,7 +141,7 @@ class DataConfig:
     """Where examples come from and how they are tokenized and packed."""
 
     train: str | None = None  # JSONL of examples (sft, pipeline) or preference records (po); None = synthetic
-    validation: str | None = None  # JSONL of examples (pair generation, SPEC §4); None = synthetic validation split
+    validation: str | None = None  # JSONL of examples for pair generation (SPEC §4); None = synthetic split
     test: str | None = None  # JSONL of examples for the final evaluation; None = synthetic test split
     synthetic_n: int = PUBLISHED_N_MESSAGES  # messages in the embedded synthetic corpus (the published count)
     synthetic_seed: int = 0  # seed of the synthetic corpus and of its 80/10/10 train/validation/test split
@@ -619,6 +621,10 @@ class _Builder:
             named = re.match(rf"{type(base).__name__}\.(\w+)\b:? ?(.*)", message, re.S)
             if named and named.group(1) in _field_names(type(base)):
                 key, message = _join(prefix, named.group(1)), named.group(2)
+            else:  # other checks (e.g. losses.log_tau) name the bare field: use it if only one matches
+                mentioned = [name for name in changes if re.search(rf"\b{name}\b", message)]
+                if len(mentioned) == 1:
+                    key = _join(prefix, mentioned[0])
             raise self.error(key, message) from None
 
 

@@ -1,0 +1,298 @@
+"""Trainer configs: SPEC defaults, presets, precedence, overrides, validation errors, files and round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pvfast.class_balance import ClassBalanceConfig
+from pvfast.config import (ConfigError, POStageConfig, PipelineStageConfig, SFTStageConfig, config_from_dict,
+                           config_to_dict, format_config, load_config, parse_cli, save_config, stage_of)
+from pvfast.losses import DpoConfig, IpoConfig, SimpoConfig, SftConfig, TabpoConfig
+from pvfast.pairs import PairConfig
+from pvfast.weights import TokenWeightConfig
+
+SPEC6_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _error(stage: str, overrides=(), **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(stage, overrides=list(overrides), **kwargs)
+    return str(info.value)
+
+
+# --- defaults ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_published_recipe():
+    cfg = load_config("pipeline", preset="none")
+    assert isinstance(cfg, PipelineStageConfig)
+    m, o = cfg.model, cfg.optim
+    # SPEC §6: QLoRA NF4, LoRA r 16, α 32, dropout 0.05 on q,k,v,o,gate,up,down; AdamW 2e-4, warmup 10 %,
+    # 3 epochs, gradient checkpointing.
+    assert (m.quant, m.lora_r, m.lora_alpha, m.lora_dropout) == ("nf4", 16, 32, 0.05)
+    assert m.lora_targets == SPEC6_TARGETS
+    assert m.gradient_checkpointing is True and m.name_or_path is None
+    assert (o.lr, o.warmup_ratio, o.epochs, o.weight_decay, o.grad_clip) == (2e-4, 0.1, 3, 0.0, 1.0)
+    assert (o.schedule, o.max_steps) == ("cosine", None)
+    assert cfg.data.token_budget == 16384 and cfg.data.skip_invalid is False and cfg.data.truncate is False
+    assert cfg.run.eval_max_new_tokens == 1024  # SPEC §5
+    assert (cfg.run.seed, cfg.run.resume) == (0, False)
+
+
+def test_default_objectives_are_spec3():
+    cfg = load_config("pipeline", preset="none")
+    tabpo = cfg.po.objective_config
+    assert cfg.po.objective == "tabpo" and isinstance(tabpo, TabpoConfig)
+    # SPEC §3 released defaults: β 0.5, τ 0.66, λ 0.5, w_diff 1.2, class balance off.
+    assert (tabpo.beta, tabpo.tau, tabpo.barrier_weight) == (0.5, 0.66, 0.5)
+    assert tabpo.token_weights.w_diff == 1.2 and tabpo.class_balance.enabled is False
+    assert cfg.po.precompute_ref is False
+    assert isinstance(cfg.sft.objective_config, SftConfig)
+    assert cfg.pairs.strategies == ("label", "missing", "extra")  # SPEC §4: all three per example
+
+
+def test_stage_classes_and_sections():
+    assert isinstance(load_config("sft", preset="none"), SFTStageConfig)
+    po = load_config("po", preset="none")
+    assert isinstance(po, POStageConfig) and po.sft_adapter is None
+    assert stage_of(po) == "po"
+    assert not hasattr(load_config("sft", preset="none"), "po")
+
+
+# --- presets ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, model_id", [
+    ("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct"),
+    ("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct"),
+    ("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("llama-3.3-70b", "meta-llama/Llama-3.3-70B-Instruct"),
+])
+def test_published_presets(preset, model_id):
+    cfg = load_config("sft", preset=preset)
+    m, o = cfg.model, cfg.optim
+    assert m.name_or_path == model_id
+    assert (m.quant, m.dtype, m.lora_r, m.lora_alpha, m.lora_dropout) == ("nf4", "bf16", 16, 32, 0.05)
+    assert m.lora_targets == SPEC6_TARGETS and m.gradient_checkpointing is True
+    assert (o.lr, o.warmup_ratio, o.epochs) == (2e-4, 0.1, 3)
+
+
+def test_tiny_preset_is_a_small_cpu_run():
+    cfg = load_config("pipeline", preset="tiny")
+    assert cfg.model.name_or_path is None and cfg.run.device == "cpu"
+    assert cfg.data.train is None and cfg.data.synthetic_n <= 200
+    assert cfg.optim.max_steps is not None and cfg.optim.max_steps <= 10
+    assert cfg.run.eval_max_new_tokens <= 256
+    # The synthetic corpus's longest completion must fit, and the shared ~3.5k-token prompt plus at least
+    # one completion must fit one pack.
+    assert cfg.data.token_budget >= 3600 + cfg.data.max_completion_tokens
+
+
+def test_unknown_preset_suggests():
+    message = _error("sft", preset="qwen2.5-1.5")
+    assert "qwen2.5-1.5" in message and "qwen2.5-1.5b" in message
+
+
+# --- precedence and overrides ------------------------------------------------------------------------
+
+
+def test_precedence_defaults_preset_file_cli(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 3.0e-4\n  epochs: 5\nrun:\n  seed: 7\n")
+    cfg = load_config("sft", config_file=path, overrides=["--optim.lr", "1e-4"], preset="tiny")
+    assert cfg.optim.lr == 1e-4  # CLI beats file
+    assert cfg.optim.epochs == 5  # file beats preset (tiny: 2)
+    assert cfg.run.seed == 7
+    assert cfg.run.device == "cpu"  # preset beats defaults ("auto")
+    assert cfg.model.lora_r == 16  # defaults where nobody says otherwise
+
+
+def test_override_forms_and_nested_objective_config():
+    cfg = load_config("pipeline", preset="none", overrides=[
+        "--optim.lr=5e-5", "--model.quant", "none", "--po.objective", "dpo",
+        "--po.objective_config.beta", "0.3", "--po.objective_config.class_balance.enabled", "yes",
+        "--po.objective_config.class_balance.levels", "subcode", "--run.resume", "--precompute-ref",
+        "--optim.max_steps", "null", "--model.lora_targets", "q_proj, v_proj", "--optim.betas", "0.8,0.95",
+    ])
+    assert cfg.optim.lr == 5e-5 and cfg.model.quant == "none"
+    assert cfg.po.objective_config == DpoConfig(beta=0.3, class_balance=ClassBalanceConfig(
+        enabled=True, levels=("subcode",)))
+    assert cfg.run.resume is True and cfg.po.precompute_ref is True
+    assert cfg.optim.max_steps is None
+    assert cfg.model.lora_targets == ("q_proj", "v_proj") and cfg.optim.betas == (0.8, 0.95)
+
+
+def test_token_weights_and_tabpo_presets():
+    cfg = load_config("po", preset="none", overrides=["--po.preset", "paper",
+                                                      "--po.objective_config.token_weights.w_span", "1.5"])
+    # TabpoConfig "paper": w_diff 2 and λ 0.85 (SPEC §3), then the override on top.
+    expected = TabpoConfig(token_weights=TokenWeightConfig(w_diff=2.0, w_span=1.5), barrier_weight=0.85)
+    assert cfg.po.objective_config == expected
+
+
+def test_changing_objective_restarts_its_config(tmp_path):
+    path = tmp_path / "po.json"
+    path.write_text(json.dumps({"po": {"objective_config": {"beta": 0.9}}}))
+    tabpo = load_config("po", config_file=path, preset="none")
+    assert tabpo.po.objective_config.beta == 0.9
+    ipo = load_config("po", config_file=path, preset="none", overrides=["--po.objective", "ipo"])
+    assert ipo.po.objective_config == IpoConfig()  # the file's TAB-PO β does not leak into IPO
+
+
+def test_bool_parsing():
+    for text, expected in [("true", True), ("False", False), ("1", True), ("0", False), ("yes", True),
+                           ("no", False)]:
+        assert load_config("sft", preset="none", overrides=["--data.truncate", text]).data.truncate is expected
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_it_and_suggests():
+    message = _error("sft", ["--optim.lrr", "1e-4"])
+    assert "optim.lrr" in message and "'optim.lr'" in message
+    message = _error("pipeline", ["--po.objective_config.betta", "0.1"])
+    assert "po.objective_config.betta" in message and "'po.objective_config.beta'" in message
+    assert "'optim.lr'" in _error("sft", ["--lr", "1e-4"])  # a bare leaf finds its section
+
+
+def test_key_of_another_objective_is_unknown():
+    message = _error("po", ["--po.objective", "dpo", "--po.objective_config.tau", "0.5"])
+    assert "po.objective_config.tau" in message and "unknown key" in message
+
+
+@pytest.mark.parametrize("override, key, type_word", [
+    (["--optim.lr", "fast"], "optim.lr", "float"),
+    (["--optim.epochs", "2.5"], "optim.epochs", "int"),
+    (["--run.resume", "maybe"], "run.resume", "bool"),
+    (["--model.quant", "nf8"], "model.quant", "'nf4'"),
+    (["--run.device", "gpu"], "run.device", "'cuda'"),
+    (["--optim.schedule", "cosin"], "optim.schedule", "'cosine'"),
+    (["--optim.betas", "0.9"], "optim.betas", "comma"),
+    (["--model.lora_r", "none"], "model.lora_r", "int"),
+])
+def test_bad_values_name_key_type_and_value(override, key, type_word):
+    message = _error("pipeline", override)
+    assert key in message and type_word in message and repr(override[1]) in message
+
+
+def test_bad_objective_and_range_errors():
+    message = _error("po", ["--po.objective", "dpoo"])
+    assert "po.objective" in message and "'dpo'" in message
+    message = _error("po", ["--po.objective", "sft"])  # SFT is not a preference objective
+    assert "po.objective" in message
+    message = _error("sft", ["--optim.warmup_ratio", "1.5"])
+    assert "optim.warmup_ratio" in message and "1.5" in message
+    message = _error("po", ["--po.objective_config.tau", "1.5"])
+    assert "po.objective_config.tau" in message
+    assert "po.preset" in _error("po", ["--po.objective", "dpo", "--po.preset", "paper"])
+
+
+def test_malformed_command_line():
+    assert "stray" in _error("sft", ["stray"])
+    assert "optim" in _error("sft", ["--optim", "1"]) and "mapping" in _error("sft", ["--optim", "1"])
+    assert "section" in _error("sft", ["--optim.lr", "1", "--optim.lr.x", "2"])
+
+
+def test_file_keys_are_validated(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  lora_rank: 8\n")
+    message = _error("sft", config_file=path)
+    assert "model.lora_rank" in message and "model.lora_r" in message and str(path) in message
+    path.write_text("optim:\n  lr: [1, 2]\n")
+    message = _error("sft", config_file=path)
+    assert "optim.lr" in message and "float" in message
+    path.write_text("- just\n- a list\n")
+    assert "mapping" in _error("sft", config_file=path)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"optim": {"lr": }}')
+    assert f"{bad_json}:1:" in _error("sft", config_file=bad_json)
+    assert "not found" in _error("sft", config_file=tmp_path / "missing.yaml")
+
+
+# --- files, round trips, printing ---------------------------------------------------------------------
+
+
+def test_yaml_and_json_files_agree(tmp_path):
+    sections = {"model": {"quant": "none", "lora_targets": ["q_proj", "v_proj"]},
+                "po": {"objective": "simpo", "objective_config": {"gamma": 0.7}},
+                "pairs": {"strategies": ["label", "label"], "extra_span_words": [2, 4]}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(sections))
+    (tmp_path / "a.json").write_text(json.dumps(sections))
+    from_yaml = load_config("pipeline", config_file=tmp_path / "a.yaml", preset="none")
+    from_json = load_config("pipeline", config_file=tmp_path / "a.json", preset="none")
+    assert from_yaml == from_json
+    assert from_yaml.po.objective_config == SimpoConfig(gamma=0.7)
+    assert from_yaml.pairs == PairConfig(strategies=("label", "label"), extra_span_words=(2, 4))
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert load_config("sft", config_file=path, preset="none").optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("stage", ["sft", "po", "pipeline"])
+def test_dict_round_trip(stage):
+    cfg = load_config(stage, preset="tiny", overrides=["--optim.lr", "3e-4", "--model.lora_targets", "q_proj"])
+    if stage != "sft":
+        cfg = load_config(stage, preset="tiny", overrides=[
+            "--po.preset", "paper_b085", "--po.objective_config.beta", "0.25", "--pairs.smoothing", "0.5"])
+    data = config_to_dict(cfg)
+    assert json.loads(json.dumps(data)) == data  # JSON-serialisable as is
+    back = config_from_dict(stage, data)
+    assert back == cfg
+    assert config_to_dict(back) == data
+
+
+def test_save_and_reload(tmp_path):
+    cfg = load_config("pipeline", preset="llama-3.1-8b", overrides=["--po.objective", "dpo_positive",
+                                                                    "--po.objective_config.lambda_p", "2"])
+    for name in ("config.json", "config.yaml"):
+        path = save_config(cfg, tmp_path / "ckpt" / name)
+        assert load_config("pipeline", config_file=path, preset="none") == cfg
+    # the atomic write leaves no temporary file behind
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "config.yaml"]
+
+
+def test_format_config_shows_resolved_values():
+    cfg = load_config("po", preset="none", overrides=["--optim.lr", "7e-5", "--po.objective", "ipo"])
+    text = format_config(cfg)
+    assert text.splitlines()[0] == "# pvfast po config"
+    assert yaml.safe_load(text) == config_to_dict(cfg)
+
+
+# --- parse_cli ------------------------------------------------------------------------------------------
+
+
+def test_parse_cli():
+    assert parse_cli([]) == ("pipeline", None, "tiny", [])
+    assert parse_cli(["sft", "--preset", "qwen2.5-1.5b", "--optim.lr", "1e-4"]) == \
+        ("sft", None, "qwen2.5-1.5b", ["--optim.lr", "1e-4"])
+    assert parse_cli(["po", "--config=run.yaml", "--po.objective=dpo"]) == \
+        ("po", "run.yaml", None, ["--po.objective=dpo"])
+    assert parse_cli(["--config", "c.json", "--preset=tiny", "--run.resume"]) == \
+        ("pipeline", "c.json", "tiny", ["--run.resume"])
+    with pytest.raises(ConfigError, match="unknown stage 'train'"):
+        parse_cli(["train"])
+    with pytest.raises(ConfigError, match="--config needs a value"):
+        parse_cli(["sft", "--config"])
+
+
+def test_parse_cli_feeds_load_config():
+    stage, config_file, preset, overrides = parse_cli(["po", "--quant", "none", "--po.objective", "cal_dpo"])
+    cfg = load_config(stage, config_file, overrides, preset)
+    assert isinstance(cfg, POStageConfig) and cfg.model.quant == "none"
+    assert cfg.po.objective == "cal_dpo" and cfg.run.device == "cpu"  # the tiny default preset
+
+
+def test_help_exits(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_cli(["--help"])
+    assert info.value.code == 0 and "usage" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_cli(["sft", "--help-keys"])
+    assert "--optim.lr" in capsys.readouterr().out
