@@ -354,7 +354,7 @@ _TINY_PRESET = {
     },
     "data": {
         "synthetic_n": 120,  # 96 train / 12 validation / 12 test messages
-        "token_budget": 8192,  # see above; 16384 would square the (L, L) CPU attention mask cost
+        "token_budget": 8192,  # see above; 16384 would quadruple the (L, L) attention cost on the CPU
         "max_completion_tokens": 512,  # above the longest synthetic completion (~420 tiny-tokenizer tokens)
     },
     "optim": {

@@ -86,9 +86,23 @@ def test_tiny_preset_is_a_small_cpu_run():
     assert cfg.data.train is None and cfg.data.synthetic_n <= 200
     assert cfg.optim.max_steps is not None and cfg.optim.max_steps <= 10
     assert cfg.run.eval_max_new_tokens <= 256
-    # The synthetic corpus's longest completion must fit, and the shared ~3.5k-token prompt plus at least
-    # one completion must fit one pack.
-    assert cfg.data.token_budget >= 3600 + cfg.data.max_completion_tokens
+
+
+def test_tiny_preset_fits_its_corpus():
+    """Every gold completion of the tiny corpus is accepted, and the longest prompt with it fits one pack."""
+    from pvfast.data.jsonfmt import serialize
+    from pvfast.data.synth import generate_corpus
+    from pvfast.prompt import build_prompt
+    from pvfast.testing import load_tiny_tokenizer
+
+    cfg = load_config("pipeline", preset="tiny")
+    tokenizer = load_tiny_tokenizer(cfg.model.tiny_arch)
+    corpus = generate_corpus(cfg.data.synthetic_n, cfg.data.synthetic_seed)
+    prompt_tokens = max(len(tokenizer(build_prompt(tokenizer, ex.direction, ex.message))["input_ids"])
+                        for ex in corpus)
+    completion_tokens = max(len(tokenizer(serialize(ex.annotations))["input_ids"]) for ex in corpus)
+    assert completion_tokens + 1 <= cfg.data.max_completion_tokens  # + the end-of-turn token
+    assert prompt_tokens + cfg.data.max_completion_tokens <= cfg.data.token_budget
 
 
 def test_unknown_preset_suggests():
