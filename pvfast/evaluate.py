@@ -48,10 +48,11 @@ from pvfast.metrics import Report, aggregate, render_table, score_corpus
 EXIT_INVALID_DATA = 2
 
 
-def evaluate_outputs(examples: Sequence[Example], outputs: Sequence[str]) -> tuple[Report, list[ParseResult]]:
+def evaluate_outputs(examples: Sequence[Example], outputs: Sequence[str],
+                     dedup_spans: bool = False) -> tuple[Report, list[ParseResult]]:
     """Parse raw outputs (aligned with ``examples``) and score them against the gold annotations."""
     parsed = [parse_output(text) for text in outputs]
-    return score_corpus([ex.annotations for ex in examples], parsed), parsed
+    return score_corpus([ex.annotations for ex in examples], parsed, dedup_spans), parsed
 
 
 def report_json(runs: Sequence[tuple[str, Report]], settings: dict) -> dict:
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="generate for the first N messages of --data only (a quick check)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--dedup-spans", action="store_true",
+                        help="span level: collapse identical spans per message before matching (off: SPEC §5)")
     parser.add_argument("--show-text", action="store_true",
                         help="print message, gold and predicted triples of wrong messages (patient text!)")
     return parser
@@ -166,12 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     scored = []
     for source, outputs in runs:
-        report, parsed = evaluate_outputs(examples, outputs)
+        report, parsed = evaluate_outputs(examples, outputs, args.dedup_spans)
         scored.append((source, report))
         if args.show_text:
             _print_text(source, examples, parsed)
     settings = {"data": os.fspath(args.data), "n_messages": len(examples), "limit": args.limit,
-                "mode": "predictions" if args.predictions is not None else "generate"}
+                "mode": "predictions" if args.predictions is not None else "generate",
+                "dedup_spans": args.dedup_spans}
     if args.model is not None:
         settings.update(model=args.model, adapters=[os.fspath(a) for a in args.adapter or []],
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype,

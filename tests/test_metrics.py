@@ -85,11 +85,19 @@ def test_greedy_ties_break_by_position():
     assert greedy_span_matching(pred, gold) == [(0, 0)]
 
 
-def test_duplicate_spans_collapse():
-    # the same span coded twice in gold and predicted three times is one span on each side
+def test_duplicate_spans_count_per_annotation_by_default():
+    # SPEC §5: one-to-one matching of predicted to gold spans. The same span coded twice in gold is two
+    # gold spans; predicted three times, two predictions match (one each) and the third is a FP.
     gold = [Annotation(PP, "salutation", "Hi there"), Annotation(SEB, "None", "hi  THERE")]
     pred = _spans("Hi there", "Hi there", "hi there")
-    assert span_counts(pred, gold) == (1, 0, 0)
+    assert span_counts(pred, gold) == (2, 1, 0)
+    assert span_counts(pred[:1], gold) == (1, 0, 1)
+
+
+def test_duplicate_spans_collapse_when_asked():
+    gold = [Annotation(PP, "salutation", "Hi there"), Annotation(SEB, "None", "hi  THERE")]
+    pred = _spans("Hi there", "Hi there", "hi there")
+    assert span_counts(pred, gold, dedup_spans=True) == (1, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
