@@ -1,0 +1,173 @@
+"""Reference statistics: adapters disabled equals the base model; the precomputed cache round-trips and
+refuses batches or settings it was not computed for."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pvfast.batching import make_loss_batches, preference_groups
+from pvfast.data.jsonfmt import serialize
+from pvfast.data.records import PreferenceRecord
+from pvfast.data.synth import generate_corpus
+from pvfast.fused_loss import FusedTokenPOLoss
+from pvfast.losses import TabpoConfig, stats_from_padded
+from pvfast.packing import group_tree_tokens, packed_forward
+from pvfast.prompt import PromptTemplate, build_prompt
+from pvfast.reference import (ReferenceCache, batch_key, frozen_model_stats, lm_head_weight, precompute_reference,
+                              reference_stats)
+from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.tokenization import tokenize_pair_group
+from pvfast.weights import TokenWeightConfig
+
+SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nTO_PAT_YN: {direction}\n{message}\nOUTPUT:",
+                                source="test template")
+WEIGHTS = TokenWeightConfig()
+
+
+def _records(n, seed):
+    records = []
+    for ex in [e for e in generate_corpus(n=60, seed=seed) if len(e.annotations) >= 2][:n]:
+        anns = list(ex.annotations)
+        short = dataclasses.replace(anns[0], span=anns[0].span[: max(1, len(anns[0].span) // 2)])
+        records.append(PreferenceRecord(ex.id, serialize(anns), (serialize(anns[:-1]), serialize([short] + anns[1:])),
+                                        ex.direction, ex.message))
+    return records
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tiny_tokenizer("llama")
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = load_tiny_model("llama", lora=True).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts B at zero: policy would equal reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer):
+    groups = preference_groups(_records(4, seed=3), tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    batches = make_loss_batches(groups, token_budget=3 * max(group_tree_tokens(g) for g in groups) // 2)
+    assert len(batches) > 1
+    return batches
+
+
+LOSS = FusedTokenPOLoss("tabpo", TabpoConfig())
+
+
+def _unshared_base_stats(base_model, tokenizer, records):
+    """(M, 7) float64 statistics of the plain base model, every completion a separate sequence, in the
+    segment order [chosen@1, rejected_1, chosen@2, rejected_2] per record."""
+    tau = LOSS.config.tau
+    out = []
+    for record in records:
+        prompt = build_prompt(tokenizer, record.direction, record.message, SHORT_TEMPLATE)
+        group = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected, WEIGHTS)
+        p = len(group.prompt_ids)
+        for j, rejected in enumerate(group.rejected):
+            for ids, w in ((group.chosen.input_ids, group.chosen_pair_weights[j]), (rejected.input_ids,
+                                                                                    rejected.weights)):
+                with torch.no_grad():
+                    logits = base_model(input_ids=torch.as_tensor(ids)[None]).logits[0].double()
+                logp = logits[p - 1:-1].log_softmax(-1).gather(-1, torch.as_tensor(ids[p:])[:, None])[:, 0]
+                mask = torch.ones(1, logp.numel(), dtype=torch.bool)
+                out.append(stats_from_padded(logp[None], torch.as_tensor(w, dtype=torch.float64)[None], mask, tau))
+    return torch.cat(out)
+
+
+def test_disabled_adapters_equal_the_base_model_without_lora(tokenizer, model, batches):
+    base = load_tiny_model("llama", lora=False).eval()  # the same saved weights, no adapters
+    records = {r.id: r for r in _records(4, seed=3)}
+    for batch in batches:
+        ref = reference_stats(model, batch, LOSS)
+        assert ref.shape == (batch.packed.num_segments, 7) and not ref.requires_grad
+        # Same network, same row, same op (measured: bitwise equal); atol leaves room for another
+        # accumulation order on another machine (sums reach ~2500 in fp32).
+        torch.testing.assert_close(ref, frozen_model_stats(base, batch, LOSS), rtol=0, atol=1e-4)
+        # And the base model run unshared into float64: the fp32 sums (|Σ ℓ| up to ~2700 over ~300 tokens)
+        # differ by at most 1.3e-4 measured; atol 1e-3.
+        unshared = _unshared_base_stats(base, tokenizer, [records[i] for i in batch.record_ids])
+        torch.testing.assert_close(ref.double(), unshared, rtol=0, atol=1e-3)
+        # the adapters are active in the policy: its statistics differ
+        with torch.no_grad():
+            policy = LOSS.statistics(batch.scoring_rows(packed_forward(model, batch.packed)), lm_head_weight(model))
+        assert (policy[:, 0] - ref[:, 0]).abs().max() > 1e-2
+
+
+def test_reference_pass_restores_training_flags(model, batches):
+    model.train()
+    try:
+        reference_stats(model, batches[0], LOSS)
+        assert all(m.training for m in model.modules())
+    finally:
+        model.eval()
+
+
+def test_plain_model_and_reference_free_objective_are_refused(batches):
+    plain = load_tiny_model("llama", lora=False)
+    with pytest.raises(TypeError, match="needs a peft model.*precompute"):
+        reference_stats(plain, batches[0], LOSS)
+    with pytest.raises(ValueError, match="reference-free"):
+        reference_stats(plain, batches[0], FusedTokenPOLoss("simpo"))
+
+
+def test_precomputed_cache_round_trip_equals_on_the_fly(model, batches, tmp_path):
+    path = tmp_path / "ref.safetensors"
+    cache = precompute_reference(model, batches, LOSS, path)
+    assert path.is_file() and len(cache) == len(batches)
+    reloaded = ReferenceCache.load(path, LOSS)
+    for batch in batches:
+        on_the_fly = reference_stats(model, batch, LOSS)
+        torch.testing.assert_close(cache.get(batch), on_the_fly, rtol=0, atol=1e-6)
+        assert torch.equal(reloaded.get(batch), cache.get(batch))
+        # the loss from cached statistics is the loss from the on-the-fly reference
+        rows = batch.scoring_rows(packed_forward(model, batch.packed).detach())
+        head = lm_head_weight(model)
+        cached_loss = LOSS(rows, head, batch.pairs, reloaded.get(batch)).loss
+        torch.testing.assert_close(cached_loss, LOSS(rows, head, batch.pairs, on_the_fly).loss, rtol=0, atol=1e-6)
+    # An existing cache that covers the batches is reused without touching the model.
+    assert len(precompute_reference(None, batches, LOSS, path)) == len(batches)
+
+
+def test_cache_from_other_data_or_settings_is_refused(tokenizer, model, batches, tmp_path):
+    path = tmp_path / "ref.safetensors"
+    precompute_reference(model, batches[:1], LOSS, path)
+    other_groups = preference_groups(_records(2, seed=11), tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    (other,) = make_loss_batches(other_groups, token_budget=4096)
+    cache = ReferenceCache.load(path, LOSS)
+    with pytest.raises(KeyError, match="other data"):
+        cache.get(other)
+    with pytest.raises(KeyError, match="other data"):
+        cache.get(batches[1])  # same data set, but a batch the cache was not computed for
+    with pytest.raises(ValueError, match="no entry for 1 of 1 batches"):
+        precompute_reference(model, [other], LOSS, path)
+    # Same tokens, other token weights: another key.
+    reweighted = dataclasses.replace(batches[0], packed=dataclasses.replace(
+        batches[0].packed, score_weights=batches[0].packed.score_weights * 2))
+    assert batch_key(reweighted) != batch_key(batches[0])
+    with pytest.raises(KeyError, match="other data"):
+        cache.get(reweighted)
+    # Same batches, another gate threshold: the settings differ.
+    with pytest.raises(ValueError, match="tau"):
+        ReferenceCache.load(path, FusedTokenPOLoss("tabpo", TabpoConfig(tau=0.5)))
+    with pytest.raises(ValueError, match="token_weighting"):
+        ReferenceCache.load(path, FusedTokenPOLoss("tabpo", TabpoConfig(token_weighting=False)))
+    # overwrite=True replaces it with the new data's statistics.
+    replaced = precompute_reference(model, [other], LOSS, path, overwrite=True)
+    torch.testing.assert_close(replaced.get(other), reference_stats(model, other, LOSS), rtol=0, atol=1e-6)
+
+
+def test_not_a_cache_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a pvfast reference cache"):
+        ReferenceCache.load(path)
