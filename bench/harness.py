@@ -123,9 +123,12 @@ def render_table(payload: dict, columns: list[str]) -> str:
 
 if __name__ == "__main__":
     # Worker: build one case's inputs, then measure the peak of one call (see peak_extra_in_worker).
-    from bench.cases import build_case
+    # spec["builder"] names the case builder as "module:function" (default: the op cases).
+    import importlib
 
     spec = json.loads(sys.argv[1])
+    module_name, func_name = spec.get("builder", "bench.cases:build_case").split(":")
+    build_case = getattr(importlib.import_module(module_name), func_name)
     torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))
     run = build_case(spec)
     run()  # warm-up: one-time allocations (thread pools, kernels) are not the op's memory
