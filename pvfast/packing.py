@@ -66,14 +66,20 @@ FlexAttention (the GPU path) takes a ``BlockMask`` built from ``subtree_end``, a
 branches do not see each other. Padding tokens (``pad_to_multiple``) are isolated roots: each attends only to
 itself, so no attention row is empty.
 
-Usage, with the per-completion sums of :mod:`pvfast.stats`::
+Usage, with the per-completion sums of :mod:`pvfast.stats` (the trainer does the same through the fused
+op, see :mod:`pvfast.batching`)::
 
     batches = pack(groups, token_budget=16384)
     for batch in batches:
         batch = batch.to(device)
         logp = packed_token_logprobs(model, batch)                        # (N,)
-        stats = segment_stats_reference(logp, batch.score_weights, batch.score_segments,
+        weights = effective_token_weights(batch.score_weights, objective_config)   # the TW switch
+        stats = segment_stats_reference(logp, weights, batch.score_segments,
                                         batch.num_segments, tau)          # (M, NUM_STATS)
+
+For preference pairs, give the chosen completion once *per pair*, each copy with that pair's weights
+(``TokenizedPairGroup.chosen_pair_weights``): identical token ids share their trie nodes, so the model still
+computes them once, and every pair is scored exactly as the released code scores it alone.
 """
 
 from __future__ import annotations
