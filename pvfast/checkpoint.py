@@ -18,7 +18,8 @@ each file is fsynced, ``COMPLETE`` is written last, and the directory is renamed
 within one filesystem is atomic on POSIX). A crash at any point leaves either no ``step-000123`` or a
 complete one. Readers trust only ``step-*`` directories whose ``COMPLETE`` manifest parses and whose
 files have the sizes it lists (``load_checkpoint`` also checks the hashes), so a directory copied by
-hand, truncated, or half-deleted is skipped rather than resumed from.
+hand, truncated, or half-deleted is skipped rather than resumed from (and left in place: rotation
+deletes only complete checkpoints; ``save_checkpoint`` removes only its own hidden leftovers).
 
 Multi-process runs: only rank 0 writes (``is_main_process``); the caller must put a barrier after
 ``save_checkpoint`` if other ranks read the directory next. Each rank's RNG state can be saved by
@@ -608,7 +609,8 @@ def config_differences(a: Any, b: Any) -> list[str]:
     """
     flat_a = _flatten(config_to_dict(a))
     flat_b = _flatten(config_to_dict(b))
-    return sorted(k for k in flat_a.keys() | flat_b.keys() if k not in flat_a or k not in flat_b or flat_a[k] != flat_b[k])
+    missing = object()  # distinguishes "absent" from a stored null
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k, missing) != flat_b.get(k, missing))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -617,8 +619,9 @@ def config_differences(a: Any, b: Any) -> list[str]:
 
 def _resolve_adapter_dir(adapter_dir: Path) -> Path:
     """Accept a checkpoint directory as well as the adapter directory inside it."""
-    if not (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / ADAPTER_SUBDIR / "adapter_config.json").is_file():
-        return adapter_dir / ADAPTER_SUBDIR
+    nested = adapter_dir / ADAPTER_SUBDIR
+    if not (adapter_dir / "adapter_config.json").is_file() and (nested / "adapter_config.json").is_file():
+        return nested
     return adapter_dir
 
 
