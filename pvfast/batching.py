@@ -2,9 +2,9 @@
 
 Pipeline::
 
-    records ──preference_groups / sft_groups──▶ CompletionGroup per record ──make_loss_batches──▶ LossBatch
-                 (tokenize, roles, weights,        (one prompt, its completions,     (pack by token budget,
-                  budget check / truncation)        per-token weights, GroupKey)      pairs, example weights)
+    records ──preference_groups / sft_groups──▶ groups ──make_loss_batches──▶ LossBatch per packed row
+             tokenize, roles and weights,        one CompletionGroup per       pack by token budget,
+             budget check or truncation          record (key: GroupKey)        pairs, example weights
 
 Segment layout of a preference record
 -------------------------------------
@@ -248,10 +248,9 @@ class LossBatch:
                            num_segments=packed.num_segments)
 
     def to(self, device: torch.device | str) -> LossBatch:
-        """A copy on ``device``. Keep a CPU copy for the pair bounds check of ``compute_objective``, which
-        runs only while the indices are on the CPU."""
-        pairs = None if self.pairs is None else self.pairs.to(device)
-        return LossBatch(self.packed.to(device), pairs, self.example_weights.to(device), self.kind)
+        """A copy with the packed row and example weights on ``device``. ``pairs`` stay on the CPU:
+        ``compute_objective`` checks their bounds there (a check on a GPU would synchronise) and moves them."""
+        return LossBatch(self.packed.to(device), self.pairs, self.example_weights.to(device), self.kind)
 
 
 def _group_kind(group: CompletionGroup) -> str | None:
