@@ -39,6 +39,18 @@ is not trained to stop on that record.
 
 Epoch order: packs are built once, deterministically; :func:`epoch_order` shuffles pack indices per epoch
 as a pure function of (seed, epoch), so a run resumes at (epoch, cursor) with ``epoch_order(...)[cursor:]``.
+
+Usage (a training step; ``pvfast.reference`` holds the reference side)::
+
+    groups = preference_groups(records, tokenizer, TokenWeightConfig(), token_budget=16384)
+    batches = make_loss_batches(groups, 16384, "po")
+    log(PackingStats.from_batches(batches, 16384).as_dict())
+    for index in epoch_order(len(batches), seed, epoch)[cursor:]:
+        batch = batches[index].to(device)
+        mask = packed_attention_mask(model, batch.packed)                 # shared by both passes
+        ref = reference_stats(model, batch, loss_fn, mask)               # or cache.get(batch)
+        rows = batch.scoring_rows(packed_forward(model, batch.packed, mask))
+        out = loss_fn(rows, lm_head_weight(model), batch.pairs, ref, batch.example_weights)
 """
 
 from __future__ import annotations
