@@ -7,6 +7,7 @@ for scaffold and max(1.0, w_role) inside a field value, times ``w_diff`` where c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Role ids stored per token (int8). PROMPT marks tokens that are never scored.
@@ -29,6 +30,12 @@ class TokenWeightConfig:
     w_subcode: float = 1.2  # tokens inside a Sub-code value
     w_span: float = 1.1  # tokens inside a Span value
     w_diff: float = 1.2  # extra factor where chosen and rejected differ (token alignment)
+
+    def __post_init__(self) -> None:
+        for name in ("w_scaffold", "w_code", "w_subcode", "w_span", "w_diff"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"TokenWeightConfig.{name} must be a finite number > 0, got {value!r}")
 
     def role_weight(self, role: int) -> float:
         if role == ROLE_SCAFFOLD:

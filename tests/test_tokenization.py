@@ -260,3 +260,10 @@ def test_slow_tokenizer_is_refused_by_name(tmp_path):
     assert not slow.is_fast
     with pytest.raises(TypeError, match="BertTokenizerLegacy is a slow tokenizer"):
         tokenize_completion(slow, "prompt", '{"results": []}')
+
+
+@pytest.mark.parametrize("field", ["w_scaffold", "w_code", "w_subcode", "w_span", "w_diff"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_token_weight_config_rejects_bad_weights(field, bad):
+    with pytest.raises(ValueError, match=f"TokenWeightConfig.{field} must be a finite number > 0"):
+        TokenWeightConfig(**{field: bad})
