@@ -205,6 +205,9 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept on disk; older ones are deleted after a new one is complete
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     merge_adapter: bool = False  # also write the adapter merged into full-precision base weights at the end
+    # Time-boxed runs: end this invocation after this many optimizer steps (counted from where it started),
+    # with a checkpoint; --run.resume continues exactly. None = run to the end.
+    stop_after_steps: int | None = None
     evaluate: bool = True  # generate and score on the test split at the end (SPEC §5)
     eval_max_new_tokens: int = _GENERATION_DEFAULTS.max_new_tokens  # generation cap (SPEC §5: 1024)
     eval_batch_size: int = _GENERATION_DEFAULTS.batch_size  # prompts per generate call
@@ -215,6 +218,8 @@ class RunConfig:
         _require(self, "output_dir", bool(self.output_dir.strip()), "a directory path")
         for name in ("log_every", "save_every", "keep_last", "eval_max_new_tokens", "eval_batch_size"):
             _require(self, name, getattr(self, name) >= 1, ">= 1")
+        _require(self, "stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
+                 ">= 1 or None")
         _require(self, "eval_max_examples", self.eval_max_examples is None or self.eval_max_examples >= 1,
                  ">= 1 or None")
 
