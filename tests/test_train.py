@@ -1,0 +1,243 @@
+"""``python -m pvfast.train`` end to end on the tiny CPU model: stages, resume, faults.
+
+Most runs call :func:`pvfast.train.main` in-process with small overrides (a short prompt template so a
+pack holds many examples, a 20-message synthetic corpus, a few steps); the no-argument run is a real
+subprocess with the bare command a user types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pvfast import train
+from pvfast.data.io import DataError, load_examples
+from pvfast.data.synth import default_corpus, split_corpus
+from pvfast.fused_loss import FusedTokenPOLoss
+from pvfast.testing import tiny_model_dir
+
+SYNTHETIC_N = 20
+SHORT_TEMPLATE = "Direction: {direction}\nMessage: {message}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_built():
+    tiny_model_dir("qwen2")  # build once, outside any timed run
+
+
+def tiny_args(root: Path, out: str, steps: int = 4) -> list[str]:
+    template = root / "template.txt"
+    template.write_text(SHORT_TEMPLATE, encoding="utf-8")
+    return ["--data.synthetic_n", str(SYNTHETIC_N), "--data.template", str(template),
+            "--data.token_budget", "1024", "--optim.max_steps", str(steps), "--run.evaluate", "false",
+            "--run.output_dir", str(root / out)]
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    lines = (out_dir / train.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if "step" in r]
+
+
+def adapter_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / train.ADAPTER_DIR / "adapter_model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --------------------------------------------------------------------------------------------------
+# A reference SFT run, shared by the resume tests and the PO tests
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """Uninterrupted SFT: 4 steps over 2 epochs (the epoch boundary falls inside the run)."""
+    root = tmp_path_factory.mktemp("sft")
+    assert train.main(["sft", *tiny_args(root, "full"), "--optim.epochs", "2"]) == 0
+    return root / "full"
+
+
+def test_sft_stage_writes_adapter_metrics_plot_and_follows_the_schedule(sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert (sft_run / train.PLOT_FILE).stat().st_size > 0
+    assert (sft_run / "config.json").is_file()
+    records = read_metrics(sft_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # Warmup ceil(0.1 * 4) = 1 step at lr (0 + 1) / (1 + 1); then cosine over the 3 remaining steps:
+    # 0.5 (1 + cos(pi k / 3)) for k = 0, 1, 2, times the tiny preset's peak lr 1e-3.
+    expected_lr = [0.5e-3, 1e-3, 0.75e-3, 0.25e-3]
+    assert [r["lr"] for r in records] == pytest.approx(expected_lr, rel=1e-12)
+    packing = json.loads((sft_run / train.METRICS_FILE).read_text().splitlines()[0])
+    assert packing["event"] == "packing" and packing["tree_tokens"] < packing["unshared_tokens"]
+    # PEFT format: loads with PeftModel.from_pretrained, and the trained B matrices moved off zero.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"))
+    model = PeftModel.from_pretrained(base, sft_run / train.ADAPTER_DIR)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    # The final checkpoint holds the same adapter as the adapter directory.
+    final = load_file(sft_run / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors")
+    assert_bitwise_equal(final, adapter_weights(sft_run))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume: stopped runs continue to the same weights, bitwise on the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stop_after_steps_then_resume_matches_uninterrupted_run_bitwise(sft_run, tmp_path):
+    args = ["sft", *tiny_args(tmp_path, "split"), "--optim.epochs", "2"]
+    assert train.main([*args, "--run.stop_after_steps", "2"]) == 0
+    out = tmp_path / "split"
+    assert not (out / train.ADAPTER_DIR).exists()
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert train.main([*args, "--run.resume"]) == 0
+    assert_bitwise_equal(adapter_weights(out), adapter_weights(sft_run))
+    # The resumed steps log the same losses as the uninterrupted run's steps 3 and 4.
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(sft_run)]
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(sft_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = FusedTokenPOLoss.forward
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside step 3 (one micro-batch per step): the step finishes, then we stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    args = ["sft", *tiny_args(tmp_path, "signal"), "--optim.epochs", "2"]
+    monkeypatch.setattr(FusedTokenPOLoss, "forward", forward_then_signal)
+    assert train.main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(FusedTokenPOLoss, "forward", forward)
+    out = tmp_path / "signal"
+    assert (out / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+    assert not (out / train.ADAPTER_DIR).exists()
+    assert train.main([*args, "--run.resume"]) == 0
+    assert_bitwise_equal(adapter_weights(out), adapter_weights(sft_run))
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_data_file_is_refused_with_the_data_layer_message_before_any_model(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "train.jsonl"
+    good = split_corpus(default_corpus(SYNTHETIC_N, 0), 0)["train"][0]
+    bad.write_text(json.dumps({"id": good.id, "direction": "Q", "message": "x", "annotations": []}) + "\n"
+                   + "{not json\n", encoding="utf-8")
+    with pytest.raises(DataError) as expected:
+        load_examples(bad)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded for a refused data file")
+
+    monkeypatch.setattr(train, "load_model", no_model)
+    monkeypatch.setattr(train, "load_tokenizer", no_model)
+    status = train.main(["sft", *tiny_args(tmp_path, "bad"), "--data.train", str(bad)])
+    assert status == train.EXIT_BAD_INPUT == 2
+    err = capsys.readouterr().err
+    assert str(expected.value) in err and str(bad) in err
+
+
+def test_over_budget_record_is_reported_unless_truncate(tmp_path, capsys):
+    args = ["sft", *tiny_args(tmp_path, "long", steps=1), "--data.max_completion_tokens", "8"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.max_completion_tokens 8" in err and "record 'syn-" in err
+    assert train.main([*args, "--data.truncate"]) == 0
+    packing = json.loads((tmp_path / "long" / train.METRICS_FILE).read_text().splitlines()[0])
+    assert packing["truncated_records"] > 0
+
+
+def test_non_finite_loss_stops_with_exit_3_naming_step_and_records(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    forward = FusedTokenPOLoss.forward
+
+    def nan_on_second_call(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(FusedTokenPOLoss, "forward", nan_on_second_call)
+    args = ["sft", *tiny_args(tmp_path, "nan"), "--run.save_every", "1"]
+    assert train.main(args) == train.EXIT_NON_FINITE == 3
+    err = capsys.readouterr().err
+    assert "optimizer step 2" in err
+    named = set(err.split("records [", 1)[1].split("]", 1)[0].replace("'", "").split(", "))
+    train_ids = {ex.id for ex in split_corpus(default_corpus(SYNTHETIC_N, 0), 0)["train"]}
+    assert named and named <= train_ids
+    out = tmp_path / "nan"
+    assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()  # the last good step is kept
+    assert not (out / "checkpoints" / "step-000002").exists() and not (out / train.ADAPTER_DIR).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference optimization
+# --------------------------------------------------------------------------------------------------
+
+
+def _po_args(root: Path, out: str, sft_adapter: Path) -> list[str]:
+    return ["po", *tiny_args(root, out, steps=2), "--sft_adapter", str(sft_adapter / train.ADAPTER_DIR),
+            "--run.eval_max_new_tokens", "24"]
+
+
+def test_po_stage_starts_at_the_sft_model_and_precomputed_reference_gives_the_same_loss(sft_run, tmp_path):
+    assert train.main(_po_args(tmp_path, "po", sft_run)) == 0
+    assert train.main([*_po_args(tmp_path, "po_cached", sft_run), "--po.precompute_ref"]) == 0
+    on_the_fly, cached = read_metrics(tmp_path / "po"), read_metrics(tmp_path / "po_cached")
+    # Step 1: the new LoRA has B = 0, so the policy is the merged SFT model and so is the reference (adapters
+    # disabled): every margin is 0 and the preference term is -log sigmoid(0) = log 2.
+    assert on_the_fly[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert on_the_fly[0]["loss_pref"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert cached[0]["loss"] == pytest.approx(on_the_fly[0]["loss"], abs=1e-6)
+    assert (tmp_path / "po_cached" / train.REFERENCE_CACHE_FILE).is_file()
+    for name in ("preferences.jsonl", "confusion_code.csv", "confusion_subcode.csv"):
+        assert (tmp_path / "po" / name).is_file()
+    assert (tmp_path / "po" / train.ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The bare command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pvfast.train"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny"
+    for stage in ("sft", "po"):
+        assert (out / stage / train.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+        assert read_metrics(out / stage)
+        assert (out / stage / train.PLOT_FILE).stat().st_size > 0
+    report = json.loads((out / train.REPORT_FILE).read_text())
+    scores = report["runs"][0]["report"]
+    for level in ("code", "subcode", "span"):
+        assert 0.0 <= scores[level]["f1"] <= 1.0
+    test_n = len(split_corpus(default_corpus(120, 0), 0)["test"])
+    assert scores["n_messages"] == test_n
+    assert "F1" in proc.stdout
+    print(f"no-argument pipeline: {elapsed:.0f} s")
