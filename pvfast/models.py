@@ -117,6 +117,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, source: str | None =
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if device.type == "cpu":
+            _keep_4bit_layout_trainable(model)
     else:
         model.to(device)
         if cfg.gradient_checkpointing:
@@ -124,6 +126,19 @@ def load_base_model(cfg: ModelConfig, device: torch.device, source: str | None =
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training never reuses a KV cache; generation turns it on per call
     return model
+
+
+def _keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` called in eval mode without grad (the reference pass,
+    generation) converts its weight in place to a CPU-inference layout; a later training forward then
+    fails in bitsandbytes ("a view of a leaf Variable that requires grad is being used in an in-place
+    operation"). The trainer alternates both kinds of pass, so it keeps the trainable layout throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(model, cfg: ModelConfig):
