@@ -241,3 +241,58 @@ def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
     assert scores["n_messages"] == test_n
     assert "F1" in proc.stdout
     print(f"no-argument pipeline: {elapsed:.0f} s")
+
+
+def test_po_with_nf4_alternates_reference_and_training_passes(sft_run, tmp_path):
+    # On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights during eval/no-grad passes; the trainer must
+    # keep them trainable (pvfast.models), or the training pass after the first reference pass fails.
+    args = [*_po_args(tmp_path, "po_nf4", sft_run), "--model.quant", "nf4", "--optim.max_steps", "2"]
+    assert train.main(args) == 0
+    records = read_metrics(tmp_path / "po_nf4")
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading (pvfast.models)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_model_source_errors_name_the_path(tmp_path):
+    from pvfast.config import ModelConfig
+    from pvfast.models import ModelLoadError, model_source
+
+    with pytest.raises(ModelLoadError, match="directory not found"):
+        model_source(ModelConfig(name_or_path=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        model_source(ModelConfig(name_or_path=str(tmp_path / "empty")))
+    assert model_source(ModelConfig(name_or_path="Qwen/Qwen2.5-1.5B-Instruct")) == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from pvfast import models
+    from pvfast.config import ModelConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(models.ModelLoadError, match="bitsandbytes is not installed"):
+        models.load_base_model(ModelConfig(quant="nf4"), torch.device("cpu"))
+
+
+def test_local_directory_gets_lora_on_every_target_and_a_pad_token():
+    from pvfast.config import ModelConfig
+    from pvfast.models import load_base_model, load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir("llama")), quant="none", lora_r=4,
+                      gradient_checkpointing=False)
+    base = load_base_model(cfg, torch.device("cpu"))
+    # LoRA adds r * (in + out) weights per targeted Linear: A is (r, in), B is (out, r).
+    expected = sum(cfg.lora_r * (m.in_features + m.out_features) for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets)
+    model = load_model(cfg, torch.device("cpu"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected > 0
+    tokenizer = load_tokenizer(cfg)
+    assert tokenizer.is_fast and tokenizer.pad_token is not None
