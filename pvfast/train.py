@@ -483,7 +483,8 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
             keys = sorted(sums)
             reduced = dist.all_reduce_mean(torch.tensor([sums[k] for k in keys], device=device), ctx)
             sums = dict(zip(keys, reduced.tolist()))
-        record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums,
+        record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums, "micro_batches": len(local),
+                  "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
                   "tokens_per_s": tokens * ctx.world_size / elapsed, "pairs_per_s": pairs * ctx.world_size / elapsed,
                   "peak_mem_mb": _peak_memory_mb(device), "step_time_s": elapsed}
         if grad_norm is not None:

@@ -296,3 +296,68 @@ def test_local_directory_gets_lora_on_every_target_and_a_pad_token():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected > 0
     tokenizer = load_tokenizer(cfg)
     assert tokenizer.is_fast and tokenizer.pad_token is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Step planning (gradient accumulation by token budget) and config errors
+# --------------------------------------------------------------------------------------------------
+
+
+def _fake_batches(n: int, scored: int):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(packed=SimpleNamespace(num_scored=scored)) for _ in range(n)]
+
+
+def test_plan_steps_accumulates_rounds_until_the_token_budget():
+    from pvfast.config import OptimConfig
+
+    Step = train.Step
+    # 4 packs of 100 scored tokens, budget 250: rounds 0-2 reach 300 >= 250, round 3 closes the epoch.
+    optim = OptimConfig(epochs=2, tokens_per_step=250)
+    assert train.plan_steps(_fake_batches(4, 100), optim, seed=0, world_size=1) == [
+        Step(0, 0, 3), Step(0, 3, 1), Step(1, 0, 3), Step(1, 3, 1)]
+    capped = OptimConfig(epochs=2, tokens_per_step=250, max_steps=3)
+    assert len(train.plan_steps(_fake_batches(4, 100), capped, seed=0, world_size=1)) == 3
+    # Two ranks, 5 packs: 3 rounds per epoch (the last padded by wrapping around), 200 tokens per round.
+    two_ranks = OptimConfig(epochs=1, tokens_per_step=250)
+    assert train.plan_steps(_fake_batches(5, 100), two_ranks, seed=0, world_size=2) == [Step(0, 0, 2), Step(0, 2, 1)]
+    # No budget: one step per round.
+    assert train.plan_steps(_fake_batches(5, 100), OptimConfig(epochs=1), seed=0, world_size=2) == [
+        Step(0, 0, 1), Step(0, 1, 1), Step(0, 2, 1)]
+
+
+def test_accumulated_steps_reach_the_token_budget_and_cover_the_epoch(tmp_path):
+    budget = 800  # above any single pack's scored tokens at this token budget (~700), below two packs
+    args = ["sft", *tiny_args(tmp_path, "accum", steps=2), "--optim.tokens_per_step", str(budget)]
+    assert train.main(args) == 0
+    records = read_metrics(tmp_path / "accum")
+    packing = json.loads((tmp_path / "accum" / train.METRICS_FILE).read_text().splitlines()[0])
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    # Step 1 adds packs until the budget is reached: two of them. Step 2 takes what is left of the epoch,
+    # less than the budget; together the two steps saw every scored token of the epoch once.
+    assert records[0]["micro_batches"] == 2 and records[0]["scored_tokens"] >= budget
+    assert records[1]["scored_tokens"] < budget
+    assert records[0]["scored_tokens"] + records[1]["scored_tokens"] == packing["scored_tokens"]
+    assert records[0]["micro_batches"] + records[1]["micro_batches"] == packing["batches"]
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
+    assert train.main(["sft", "--optim.lrr", "1e-3", "--run.output_dir", str(tmp_path / "x")]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
+    # gloo DDP: every rank takes its share of each step's packs; only rank 0 logs and saves.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pvfast.train", "sft", *tiny_args(tmp_path, "ddp", steps=2)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ddp"
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    # No token budget: each optimizer step is one round, one pack per rank.
+    assert all(r["micro_batches"] == 1 for r in records)
+    assert (out / train.ADAPTER_DIR / "adapter_model.safetensors").is_file()
