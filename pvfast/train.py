@@ -30,9 +30,14 @@ merges into 4-bit weights) and the merged model is quantized again when it is lo
 
 Each training stage writes into its directory: ``metrics.jsonl`` (a packing line, then one line per logged
 step), ``training_curves.png``, ``checkpoints/step-*`` (every ``run.save_every`` steps and at the end),
-``adapter/`` (PEFT format) and, with ``run.merge_adapter``, ``merged/`` (a standalone full-precision model).
+``adapter/`` (PEFT format) and, with ``run.merge_adapter``, ``merged/`` (a standalone full-precision model;
+for PO the adapter is merged into the PO base, so ``po/merged`` is the final SFT + PO model).
 ``--run.resume`` continues each stage from its newest complete checkpoint (a finished stage is skipped);
-without it a stage's old checkpoints are removed first. Patient message and span text are never logged.
+without it a stage's old checkpoints are removed first. ``--run.stop_after_steps N`` ends an invocation
+after N optimizer steps with a checkpoint (time-boxed jobs on shared machines); ``--run.resume`` goes on
+from there to the same weights as an uninterrupted run (bitwise on the CPU). Gradient accumulation:
+``--optim.tokens_per_step T`` sums micro-batches until T scored tokens, each weighted by its share of the
+step's pairs (PO) or scored tokens (SFT). Patient message and span text are never logged.
 
 Exit status: 0 done (or stopped by ``run.stop_after_steps`` with a checkpoint), 1 model cannot be loaded,
 2 bad config or data (nothing was trained), 3 non-finite loss (the step and the batch's record ids are
@@ -107,7 +112,8 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, step: int, record_ids: Sequence[str], value: float):
         shown = list(record_ids[:8]) + (["..."] if len(record_ids) > 8 else [])
-        super().__init__(f"non-finite loss ({value}) at optimizer step {step} in the batch of records {shown}; "
+        where = f"in the batch of records {shown}" if record_ids else "on another rank"
+        super().__init__(f"non-finite loss ({value}) at optimizer step {step} {where}; "
                          f"stopping without applying it (the last good checkpoint is kept)")
         self.step = step
 
@@ -454,8 +460,12 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
                     out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref,
                                   batch.example_weights)
                 loss_value = out.loss.item()  # one sync per micro-batch: needed to refuse a NaN before it lands
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(state.step + 1, cpu_batch.record_ids, loss_value)
+                finite = math.isfinite(loss_value)
+                if ctx.world_size > 1:  # all ranks stop together, or the others wait in the next all-reduce
+                    finite = dist.all_reduce_mean(torch.tensor(float(finite), device=device), ctx).item() == 1.0
+                if not finite:
+                    raise NonFiniteLoss(state.step + 1, cpu_batch.record_ids if not math.isfinite(loss_value)
+                                        else (), loss_value)
                 # Each micro-batch's loss is a mean over its units; weight it so the step's gradient is
                 # that of the mean over all units of the step.
                 (out.loss * (_units(cpu_batch) / step_units)).backward()
