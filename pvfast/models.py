@@ -28,15 +28,6 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer cannot be loaded; the message names the source and the reason."""
 
 
-def resolve_device(preference: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("run.device is 'cuda' but torch sees no CUDA device; use --run.device cpu or auto")
-    return torch.device(preference)
-
-
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """Weights/compute dtype: ``auto`` = bf16 on CUDA, fp32 on the CPU (bf16 matmuls are slow there)."""
     if cfg.dtype == "auto":
