@@ -84,7 +84,11 @@ def cuda_peak_extra_bytes(fn: Callable[[], object]) -> int:
 def peak_extra_in_worker(case: dict, timeout: float = 600.0) -> int:
     """Run ``case`` once in a fresh worker process and return its peak extra memory (bytes, CPU)."""
     cmd = [sys.executable, "-m", "bench.harness", json.dumps(case)]
-    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    # glibc keeps freed chunks below its (dynamic, up to 32 MiB) mmap threshold in the heap, so buffers
+    # freed by the warm-up call would be reused unseen by VmHWM; a fixed 64 KiB threshold makes every
+    # sizeable allocation an mmap that is returned on free and counted again when the measured call makes it.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker failed for {case}:\n{out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
