@@ -204,6 +204,9 @@ class RunConfig:
     save_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_last: int = 2  # checkpoints kept on disk; older ones are deleted after a new one is complete
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    # A fresh (not --run.resume) run into a directory holding an earlier run's checkpoints is refused unless
+    # overwrite is set, so a forgotten --run.resume never deletes a long run; the "tiny" demo preset sets it.
+    overwrite: bool = False
     merge_adapter: bool = False  # also write the adapter merged into full-precision base weights at the end
     # Time-boxed runs: end this invocation after this many optimizer steps (counted from where it started),
     # with a checkpoint; --run.resume continues exactly. None = run to the end.
@@ -369,6 +372,7 @@ _TINY_PRESET = {
     },
     "run": {
         "output_dir": "runs/tiny",
+        "overwrite": True,  # the demo may be run again and again into the same directory
         "device": "cpu",
         "log_every": 1,
         "save_every": 3,

@@ -537,11 +537,16 @@ def seed_everything(seed: int) -> None:
 
 
 def _fresh_start(out_dir: Path, run: RunConfig, ctx, log: MetricsLog) -> None:
-    """Without --run.resume a stage starts over: checkpoints of an earlier run in its directory go."""
+    """Without --run.resume a stage starts over: an earlier run's checkpoints in its directory are removed
+    only with --run.overwrite (a forgotten --run.resume must never delete a long run)."""
     old = out_dir / "checkpoints"
-    if not run.resume and ctx.is_main and old.is_dir():
-        log.say(f"{old}: removing the checkpoints of an earlier run (pass --run.resume to continue it)")
-        shutil.rmtree(old)
+    if not run.resume and old.is_dir() and any(old.iterdir()):
+        if not run.overwrite:
+            raise BadInput(f"{old} holds checkpoints of an earlier run: pass --run.resume to continue it, "
+                              f"--run.overwrite to start over (deleting them), or another --run.output_dir")
+        if ctx.is_main:
+            log.say(f"{old}: removing the checkpoints of an earlier run (--run.overwrite)")
+            shutil.rmtree(old)
     dist.barrier(ctx)
 
 

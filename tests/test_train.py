@@ -361,3 +361,26 @@ def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
     # No token budget: each optimizer step is one round, one pack per rank.
     assert all(r["micro_batches"] == 1 for r in records)
     assert (out / train.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
+def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path, capsys):
+    """A forgotten --run.resume must not delete a long run: refused (exit 2) unless --run.overwrite."""
+    from pvfast.config import RunConfig
+    from pvfast.distributed import setup_distributed
+
+    old = tmp_path / "checkpoints" / "step-000007"
+    old.mkdir(parents=True)
+    (old / "COMPLETE").write_text("{}")
+    ctx = setup_distributed("cpu")
+    log = train.MetricsLog(tmp_path, ctx.is_main)
+    with pytest.raises(train.BadInput, match="--run.resume to continue it, --run.overwrite"):
+        train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path)), ctx, log)
+    assert old.is_dir()
+    train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path), overwrite=True), ctx, log)
+    assert not (tmp_path / "checkpoints").exists()
+    # Through the entry point: the refusal is an input error, exit 2, before any model is loaded.
+    old.mkdir(parents=True)
+    (old / "COMPLETE").write_text("{}")
+    code = train.main(["sft", "--preset", "tiny", "--run.overwrite", "false", "--run.output_dir",
+                       str(tmp_path), "--optim.max_steps", "1"])
+    assert code == train.EXIT_BAD_INPUT and old.is_dir()
