@@ -33,7 +33,8 @@ step), ``training_curves.png``, ``checkpoints/step-*`` (every ``run.save_every``
 ``adapter/`` (PEFT format) and, with ``run.merge_adapter``, ``merged/`` (a standalone full-precision model;
 for PO the adapter is merged into the PO base, so ``po/merged`` is the final SFT + PO model).
 ``--run.resume`` continues each stage from its newest complete checkpoint (a finished stage is skipped);
-without it a stage's old checkpoints are removed first. ``--run.stop_after_steps N`` ends an invocation
+without it a directory holding an earlier run's checkpoints is refused (exit 2) unless ``--run.overwrite``
+(the ``tiny`` demo preset sets it) removes them. ``--run.stop_after_steps N`` ends an invocation
 after N optimizer steps with a checkpoint (time-boxed jobs on shared machines); ``--run.resume`` goes on
 from there to the same weights as an uninterrupted run (bitwise on the CPU). Gradient accumulation:
 ``--optim.tokens_per_step T`` sums micro-batches until T scored tokens, each weighted by its share of the
