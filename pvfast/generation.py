@@ -25,7 +25,6 @@ Prediction files are JSONL with one ``{"id": ..., "output": ...}`` object per li
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from pvfast.data.io import DataError, Problem, _write_jsonl_atomic
+from pvfast.data.io import DataError, Problem, read_jsonl, write_jsonl
 from pvfast.data.jsonfmt import STOP_TEXT
 from pvfast.data.records import Example
 
@@ -212,50 +211,32 @@ def write_predictions(path: str | os.PathLike, ids: Sequence[str], outputs: Sequ
     """Write ``{"id", "output"}`` JSONL (atomically)."""
     if len(ids) != len(outputs):
         raise ValueError(f"write_predictions: {len(ids)} ids but {len(outputs)} outputs")
-    return _write_jsonl_atomic(path, ({"id": i, "output": o} for i, o in zip(ids, outputs)))
+    return write_jsonl(path, ({"id": i, "output": o} for i, o in zip(ids, outputs)))
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     """Read a predictions JSONL file into ``{id: output}``; every bad line is a :class:`DataError` problem."""
     shown = os.fspath(path)
-    if not Path(path).is_file():
-        raise DataError([Problem(shown, None, None, "no such file")])
+    rows, problems = read_jsonl(path)  # the data layer's reader: UTF-8, JSON and object checks per line
     outputs: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    problems: list[Problem] = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append(Problem(shown, number, None, f"not valid UTF-8 (byte {err.start})"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(shown, number, None, f"malformed JSON: {err.msg} at column {err.colno}"))
-                continue
-            if not isinstance(row, dict):
-                problems.append(Problem(shown, number, None, "expected a JSON object with id and output"))
-                continue
-            record_id, output = row.get("id"), row.get("output")
-            if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-                problems.append(Problem(shown, number, "id", "missing, or not a string"))
-                continue
-            if not isinstance(output, str):
-                problems.append(Problem(shown, number, "output", "missing, or not a string"))
-                continue
-            record_id = str(record_id)
-            if record_id in first_line:
-                problems.append(Problem(shown, number, "id",
-                                        f"duplicate id {record_id!r} (first on line {first_line[record_id]})"))
-                continue
-            first_line[record_id] = number
-            outputs[record_id] = output
+    for number, row in rows:
+        record_id, output = row.get("id"), row.get("output")
+        if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+            problems.append(Problem(shown, number, "id", "missing, or not a string"))
+            continue
+        if not isinstance(output, str):
+            problems.append(Problem(shown, number, "output", "missing, or not a string"))
+            continue
+        record_id = str(record_id)
+        if record_id in first_line:
+            problems.append(Problem(shown, number, "id",
+                                    f"duplicate id {record_id!r} (first on line {first_line[record_id]})"))
+            continue
+        first_line[record_id] = number
+        outputs[record_id] = output
     if problems:
-        raise DataError(problems)
+        raise DataError(sorted(problems, key=lambda p: p.line or 0))
     if not outputs:
         raise DataError([Problem(shown, None, None, "file is empty (no predictions)")])
     return outputs
