@@ -41,7 +41,7 @@ from typing import Sequence
 from pvfast.data.io import DataError, load_examples
 from pvfast.data.jsonfmt import ParseResult, parse_output
 from pvfast.data.records import Annotation, Example
-from pvfast.generation import (GenerationConfig, align_predictions, generate_completions,
+from pvfast.generation import (add_generation_arguments, align_predictions, generate_completions,
                                load_model_for_generation, read_predictions, write_predictions)
 from pvfast.metrics import Report, aggregate, render_table, score_corpus
 
@@ -92,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="model directory (or name) to generate with")
     parser.add_argument("--adapter", type=Path, nargs="+", metavar="DIR",
                         help="peft adapter directories on top of --model, one run per adapter")
-    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.prompt.PromptTemplate)")
-    parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
+    add_generation_arguments(parser)
     parser.add_argument("--save-predictions", type=Path, nargs="+", metavar="FILE",
                         help="write the generated outputs (one file per run) as {id, output} JSONL")
     parser.add_argument("--limit", type=int, default=None,

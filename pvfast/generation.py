@@ -207,6 +207,16 @@ def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.Pa
 # Prediction files
 # ----------------------------------------------------------------------------------------------------
 
+def add_generation_arguments(parser) -> None:
+    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.pairs``."""
+    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.prompt.PromptTemplate)")
+    parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
+
+
 def write_predictions(path: str | os.PathLike, ids: Sequence[str], outputs: Sequence[str]) -> Path:
     """Write ``{"id", "output"}`` JSONL (atomically)."""
     if len(ids) != len(outputs):

@@ -79,7 +79,7 @@ from pvfast.codebook import (CODES, NONE_SUBCODE, SUBCODES, codes_for_direction,
 from pvfast.data.io import DataError, load_examples, write_preferences
 from pvfast.data.jsonfmt import parse_output, serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
-from pvfast.generation import GenerationConfig
+from pvfast.generation import add_generation_arguments
 from pvfast.metrics import code_labels, greedy_span_matching, subcode_labels
 
 STRATEGIES = ("label", "missing", "extra")
@@ -369,12 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--predictions", type=Path, help="precomputed {id, output} JSONL for --val")
     source.add_argument("--model", help="SFT model directory to generate validation predictions with")
     parser.add_argument("--adapter", type=Path, help="peft adapter on top of --model")
-    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.prompt.PromptTemplate)")
-    parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
+    add_generation_arguments(parser)
     parser.add_argument("--save-predictions", type=Path, help="write generated validation outputs here")
     parser.add_argument("--out", type=Path, required=True, help="preference JSONL to write")
     parser.add_argument("--tables-dir", type=Path, default=None,
