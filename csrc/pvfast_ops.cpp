@@ -117,6 +117,17 @@ PVFAST_SIMD_CLONES void neg_scaled_softmax(const float* x, int64_t n, float lse,
   for (int64_t i = 0; i < n; ++i) out[i] = -g * exp_fp32(x[i] - lse);
 }
 
+// out_i = exp(x_i − shift), returns Σ_i out_i; out may alias x.
+PVFAST_SIMD_CLONES float exp_shifted_into(const float* x, int64_t n, float shift, float* out) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = exp_fp32(x[i] - shift);
+    s += out[i];
+  }
+  return s;
+}
+
 // Online log-sum-exp state of one row: running max m and Σ exp(x − m).
 struct OnlineLse {
   float max = kNegInf;
@@ -417,6 +428,17 @@ at::Tensor weight_block_fp32(const LinearProblem& p, TileScratch& s, int64_t v0,
   return dst;
 }
 
+// Row v of a (V, H) float matrix as fp32: a pointer into it for fp32, else converted into buf.
+const float* as_fp32_row(const at::Tensor& matrix, int64_t v, float* buf) {
+  const float* out = nullptr;
+  dispatch_float(matrix.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const int64_t cols = matrix.size(1);
+    out = as_fp32(matrix.data_ptr<scalar_t>() + v * cols, cols, buf);
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
@@ -475,6 +497,94 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     }
   }
   return {logp, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_grad(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index) {
+  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index);
+  const int64_t H = p.hidden_size;
+  at::Tensor logp = at::zeros({p.n}, f32_cpu());
+  at::Tensor lse = at::zeros({p.n}, f32_cpu());
+  at::Tensor direction = at::zeros({p.n, H}, f32_cpu());
+  const int64_t num_scored = static_cast<int64_t>(p.rows.size());
+  if (num_scored == 0) return {logp, lse, direction};
+
+  const int threads = team_threads();
+  const int64_t per_thread = (num_scored + threads - 1) / threads;
+  const int64_t tile = std::min(kTokenTile, std::max(kMinTokenTile, per_thread));
+  // backward=true: grad_hidden_tile holds the tile's running Σ_v exp(z_v − m) W_v
+  std::vector<TileScratch> scratch = make_scratch(p, threads, /*backward=*/true);
+  float* logp_out = logp.data_ptr<float>();
+  float* lse_out = lse.data_ptr<float>();
+  float* dir_out = direction.data_ptr<float>();
+  const int64_t* y = p.targets.data_ptr<int64_t>();
+
+#pragma omp parallel num_threads(threads)
+  {
+    at::NoGradGuard no_grad;
+    TileScratch& s = scratch[static_cast<size_t>(thread_id())];
+    std::vector<OnlineLse> row_lse(kTokenTile);
+    std::vector<float> target_logit(kTokenTile);
+    std::vector<float> target_row(H);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t start = 0; start < num_scored; start += tile) {
+      const int64_t tile_rows = std::min(tile, num_scored - start);
+      const int64_t* rows = p.rows.data() + start;
+      gather_hidden_fp32(p.hidden, rows, tile_rows, s.hidden_tile.data_ptr<float>());
+      const at::Tensor h_tile = s.hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
+      at::Tensor acc_tile = s.grad_hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
+      acc_tile.zero_();
+      float* acc = acc_tile.data_ptr<float>();
+      std::fill(row_lse.begin(), row_lse.begin() + tile_rows, OnlineLse{});
+
+      for (int64_t b = 0; b < p.num_blocks; ++b) {
+        const int64_t v0 = b * kVocabBlock;
+        const int64_t len = std::min(kVocabBlock, p.vocab - v0);
+        const at::Tensor w_block = weight_block_fp32(p, s, v0, len);
+        at::Tensor probs = s.logit_tile.narrow(0, 0, tile_rows * len).view({tile_rows, len});
+        at::mm_out(probs, h_tile, w_block.t());
+        float* z = probs.data_ptr<float>();
+        // in place: logits → exp(z − m_new); the accumulator row is rescaled when its max grows,
+        // exactly like the online log-sum-exp (flash-attention style)
+        for (int64_t r = 0; r < tile_rows; ++r) {
+          float* row = z + r * len;
+          const int64_t hit = y[rows[r]] - v0;
+          if (hit >= 0 && hit < len) target_logit[r] = row[hit];
+          OnlineLse& state = row_lse[r];
+          const float block_max = max_of(row, len);
+          if (block_max == kNegInf) {  // contributes nothing
+            std::fill(row, row + len, 0.0f);
+            continue;
+          }
+          if (block_max > state.max) {
+            const float scale = std::exp(state.max - block_max);
+            state.sum *= scale;
+            float* a = acc + r * H;
+#pragma omp simd
+            for (int64_t k = 0; k < H; ++k) a[k] *= scale;
+            state.max = block_max;
+          }
+          state.sum += exp_shifted_into(row, len, state.max, row);
+        }
+        acc_tile.addmm_(probs, w_block);
+      }
+      for (int64_t r = 0; r < tile_rows; ++r) {
+        const int64_t t = rows[r];
+        const float value = row_lse[r].value();
+        lse_out[t] = value;
+        logp_out[t] = target_logit[r] - value;
+        // dℓ_t/dh_t = W[y_t] − Σ_v softmax_v W_v = W[y_t] − acc / sum
+        const float* w_target = as_fp32_row(p.weight, y[t], target_row.data());
+        const float inv_sum = 1.0f / row_lse[r].sum;
+        const float* a = acc + r * H;
+        float* dst = dir_out + t * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) dst[k] = w_target[k] - a[k] * inv_sum;
+      }
+    }
+  }
+  return {logp, lse, direction};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_bwd(
@@ -697,6 +807,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ignore_index"));
   m.def("linear_token_logprobs_fwd", &pvfast::linear_token_logprobs_fwd, no_gil,
         "(hidden[N,H], weight[V,H], targets int64[N], ignore_index) -> (logp f32[N], lse f32[N])",
+        py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"));
+  m.def("linear_token_logprobs_fwd_with_grad", &pvfast::linear_token_logprobs_fwd_with_grad, no_gil,
+        "(hidden[N,H], weight[V,H], targets int64[N], ignore_index) -> "
+        "(logp f32[N], lse f32[N], grad_direction f32[N,H] = dlogp/dhidden)",
         py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"));
   m.def("linear_token_logprobs_bwd", &pvfast::linear_token_logprobs_bwd, no_gil,
         "(hidden, weight, targets, lse, grad_logp, ignore_index, need_weight_grad) -> "

@@ -34,6 +34,15 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     int64_t ignore_index);
 
+// The forward above plus the gradient direction dℓ_t/dh_t = W[y_t] − Σ_v softmax(z_t)_v W_v, which
+// does not depend on the upstream gradient: for a frozen weight the backward is then
+// grad_hidden_t = g_t · direction_t, with no logit recomputation. The softmax-weighted sum is
+// accumulated online per vocabulary block (rescaled when the row max grows), never storing N×V.
+//   Returns (logp (N,) f32, lse (N,) f32, direction (N, H) f32, zero rows for ignored tokens).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_grad(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index);
+
 // Gradients of Σ_t g_t ℓ_t, recomputing each logit block from hidden and weight.
 //   Returns (grad_hidden (N, H) dtype of hidden,
 //            grad_weight (V, H) dtype of weight, or an empty tensor when need_weight_grad is false).

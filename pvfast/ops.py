@@ -39,7 +39,7 @@ TORCH_CHUNK_TOKENS = 1024
 # Torch reference backend: same function names and signatures as the C++ extension (pvfast._C).
 # ----------------------------------------------------------------------------------------------------
 class TorchBackend:
-    """Chunked PyTorch implementation of the six backend functions, fp32 math on any device.
+    """Chunked PyTorch implementation of the seven backend functions, fp32 math on any device.
 
     Memory: one TORCH_CHUNK_TOKENS × V fp32 logits chunk at a time, plus an fp32 copy of a bf16/fp16
     weight (V × H) for the duration of a call.
@@ -94,6 +94,22 @@ class TorchBackend:
             z = hidden[c].float() @ weight32.T
             logp[c], lse[c] = TorchBackend._logp_lse(z, targets[c], ignore_index)
         return logp, lse
+
+    @staticmethod
+    def linear_token_logprobs_fwd_with_grad(hidden, weight, targets, ignore_index: int):
+        """(ℓ, lse, direction (N, H) fp32 = dℓ_t/dh_t = W[y_t] − softmax(z_t)·W); zero rows where ignored."""
+        n = hidden.shape[0]
+        weight32 = weight.float()
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        direction = torch.empty(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
+        for c in TorchBackend._chunks(n):
+            z = hidden[c].float() @ weight32.T
+            logp[c], lse[c] = TorchBackend._logp_lse(z, targets[c], ignore_index)
+            # g = 1 gives dℓ/dz; a zero row for ignored targets
+            dz = TorchBackend._dlogits(z, targets[c], lse[c], torch.ones_like(lse[c]), ignore_index)
+            direction[c] = dz @ weight32
+        return logp, lse, direction
 
     @staticmethod
     def linear_token_logprobs_bwd(hidden, weight, targets, lse, grad_logp, ignore_index: int,
@@ -191,8 +207,26 @@ class _BackendTokenLogprobs(torch.autograd.Function):
         return None, grad_logits, None, None
 
 
-def _linear_backward(ctx, grad_logp):
-    hidden, weight, targets, lse = ctx.saved_tensors[:4]
+def _linear_forward(ctx, backend, hidden, weight, targets, ignore_index: int, grad_in_forward: bool):
+    """Log-probs (N,) and lse (N,); saves what _linear_backward needs as ctx.linear_saved.
+
+    grad_in_forward (hidden needs a gradient, weight frozen): the forward also returns dℓ/dh (N, H) fp32 and
+    only that is saved; otherwise hidden, weight, targets and lse are saved and the backward recomputes.
+    """
+    ctx.backend, ctx.ignore_index, ctx.grad_in_forward = backend, ignore_index, grad_in_forward
+    ctx.hidden_dtype = hidden.dtype
+    if grad_in_forward:
+        logp, lse, direction = backend.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, ignore_index)
+        return logp, lse, (direction,)
+    logp, lse = backend.linear_token_logprobs_fwd(hidden, weight, targets, ignore_index)
+    return logp, lse, (hidden, weight, targets, lse)
+
+
+def _linear_backward(ctx, grad_logp, saved):
+    if ctx.grad_in_forward:
+        (direction,) = saved
+        return (grad_logp.float()[:, None] * direction).to(ctx.hidden_dtype), None
+    hidden, weight, targets, lse = saved
     need_weight_grad = ctx.needs_input_grad[2]
     grad_hidden, grad_weight = ctx.backend.linear_token_logprobs_bwd(
         hidden, weight, targets, lse, grad_logp.float().contiguous(), ctx.ignore_index, need_weight_grad)
@@ -200,19 +234,22 @@ def _linear_backward(ctx, grad_logp):
 
 
 class _BackendLinearTokenLogprobs(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), targets (N,) → ℓ (N,) fp32; the backward recomputes the logits."""
+    """hidden (N, H), weight (V, H), targets (N,) → ℓ (N,) fp32.
+
+    With grad_in_forward the forward computes dℓ/dhidden (frozen weight) and the backward only scales it;
+    otherwise the backward recomputes the logits.
+    """
 
     @staticmethod
-    def forward(ctx, backend, hidden, weight, targets, ignore_index: int):
-        logp, lse = backend.linear_token_logprobs_fwd(hidden, weight, targets, ignore_index)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.backend, ctx.ignore_index = backend, ignore_index
+    def forward(ctx, backend, hidden, weight, targets, ignore_index: int, grad_in_forward: bool):
+        logp, _, saved = _linear_forward(ctx, backend, hidden, weight, targets, ignore_index, grad_in_forward)
+        ctx.save_for_backward(*saved)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        grad_hidden, grad_weight = _linear_backward(ctx, grad_logp)
-        return None, grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight = _linear_backward(ctx, grad_logp, ctx.saved_tensors)
+        return None, grad_hidden, grad_weight, None, None, None
 
 
 class _BackendSegmentScores(torch.autograd.Function):
@@ -236,25 +273,36 @@ class _BackendSegmentScores(torch.autograd.Function):
 class _BackendLinearSegmentScores(torch.autograd.Function):
     """hidden (N, H), weight (V, H), targets, weights, segment_ids (N,) → stats (M, 7) fp32.
 
-    Two backend calls (log-probs, then sums); the backward chains the gather and the linear backward.
+    Two backend calls (log-probs, then sums); the backward chains the gather and the linear backward
+    (with grad_in_forward, a scaling of the dℓ/dhidden computed in the forward).
     """
 
     @staticmethod
     def forward(ctx, backend, hidden, weight, targets, weights, segment_ids, num_segments: int,
-                log_tau_value: float, ignore_index: int):
-        logp, lse = backend.linear_token_logprobs_fwd(hidden, weight, targets, ignore_index)
+                log_tau_value: float, ignore_index: int, grad_in_forward: bool):
+        logp, _, saved = _linear_forward(ctx, backend, hidden, weight, targets, ignore_index, grad_in_forward)
         stats = backend.segment_stats_fwd(logp, weights, segment_ids, num_segments, log_tau_value)
-        ctx.save_for_backward(hidden, weight, targets, lse, logp, weights, segment_ids)
-        ctx.backend, ctx.ignore_index, ctx.log_tau = backend, ignore_index, log_tau_value
+        ctx.num_linear_saved = len(saved)
+        ctx.save_for_backward(*saved, logp, weights, segment_ids)
+        ctx.log_tau = log_tau_value
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats):
-        logp, weights, segment_ids = ctx.saved_tensors[4:]
+        saved = ctx.saved_tensors
+        logp, weights, segment_ids = saved[ctx.num_linear_saved:]
         grad_logp = ctx.backend.segment_stats_bwd(logp, weights, segment_ids, grad_stats.float().contiguous(),
                                                   ctx.log_tau)
-        grad_hidden, grad_weight = _linear_backward(ctx, grad_logp)
-        return None, grad_hidden, grad_weight, None, None, None, None, None, None
+        grad_hidden, grad_weight = _linear_backward(ctx, grad_logp, saved[:ctx.num_linear_saved])
+        return None, grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _grad_in_forward(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Compute dℓ/dhidden in the forward: a gradient for hidden will be needed and the weight is frozen.
+
+    Decided here, outside autograd.Function.forward (which always runs with grad mode off).
+    """
+    return torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,13 +327,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """ℓ (N,) fp32 of targets (N,) under logits = hidden (N, H) · weightᵀ (V, H), never storing N×V logits.
 
     Gradients reach ``hidden`` and, only if it requires grad, ``weight`` (a frozen lm_head costs nothing).
+    cpp/torch backends: when ``hidden`` needs a gradient and ``weight`` is frozen, the gradient direction
+    dℓ/dhidden (N, H) fp32 is computed in the forward (one matmul more there, none in the backward, whose
+    cost is then a scaling); otherwise the backward recomputes the logits.
     """
     check_linear_inputs(hidden, weight, targets)
     impl = _resolve_impl(impl, hidden.device, "linear_token_logprobs")
     if impl == "triton":
         return LinearTokenLogprobsFunction.apply(hidden, weight, targets, ignore_index)
     return _BackendLinearTokenLogprobs.apply(_backend(impl), hidden.contiguous(), weight.contiguous(),
-                                             targets.long().contiguous(), ignore_index)
+                                             targets.long().contiguous(), ignore_index,
+                                             _grad_in_forward(hidden, weight))
 
 
 def segment_scores(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
@@ -308,7 +360,8 @@ def linear_segment_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           ignore_index: int = IGNORE_INDEX, impl: str = "auto") -> torch.Tensor:
     """segment_scores(linear_token_logprobs(hidden, weight, targets), weights, segment_ids, M, tau), fused.
 
-    hidden (N, H), weight (V, H), targets/weights/segment_ids (N,) → stats (M, 7) fp32.
+    hidden (N, H), weight (V, H), targets/weights/segment_ids (N,) → stats (M, 7) fp32. Gradient of
+    ``hidden`` computed in the forward when ``weight`` is frozen, as in :func:`linear_token_logprobs`.
     """
     check_linear_inputs(hidden, weight, targets)
     check_segment_vectors(targets.shape[0], targets.device, weights, segment_ids, num_segments,
@@ -320,7 +373,8 @@ def linear_segment_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                                  tau, ignore_index)
     return _BackendLinearSegmentScores.apply(
         _backend(impl), hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
-        weights.float().contiguous(), segment_ids.long().contiguous(), num_segments, lt, ignore_index)
+        weights.float().contiguous(), segment_ids.long().contiguous(), num_segments, lt, ignore_index,
+        _grad_in_forward(hidden, weight))
 
 
 __all__ = ["IMPLS", "NUM_STATS", "TorchBackend", "linear_segment_scores", "linear_token_logprobs",

@@ -279,6 +279,73 @@ def test_linear_all_ignored_costs_nothing_and_returns_zeros():
 
 
 # ------------------------------------------------------------------------------------------------
+# linear_token_logprobs_fwd_with_grad (frozen weight: dℓ/dhidden computed in the forward)
+
+# The direction is an fp32 output computed in fp32 from the (rounded) inputs in every dtype.
+DIRECTION_TOL = OUT_TOL[torch.float32]
+
+
+def assert_direction_matches_float64(hidden, weight, targets, g, dtype):
+    """logp, lse, direction against float64, and g · direction cast to dtype against dL/dhidden."""
+    ref_logp, ref_lse, ref_direction, _ = linear_reference(hidden, weight, targets, torch.ones(len(targets)))
+    _, _, ref_gh, _ = linear_reference(hidden, weight, targets, g)
+    poison_heap((hidden.shape[0], hidden.shape[1]), torch.float32)
+    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE)
+    assert direction.dtype == torch.float32 and direction.shape == hidden.shape
+    close(logp, ref_logp, LOGP_TOL)
+    close(lse, ref_lse, LOGP_TOL)
+    close(direction, ref_direction, DIRECTION_TOL)
+    assert torch.all(direction[targets == IGNORE] == 0)
+    # the autograd backward's whole job: scale each row by the upstream gradient, round to dtype
+    close((g[:, None] * direction).to(dtype), ref_gh, OUT_TOL[dtype])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+def test_linear_fwd_with_grad_matches_float64(dtype, shape):
+    n, hidden_size, vocab = shape
+    hidden, weight, targets, g = linear_inputs(n, hidden_size, vocab, dtype, seed=sum(shape) + 1)
+    assert_direction_matches_float64(hidden, weight, targets, g, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 3])
+def test_linear_fwd_with_grad_several_tiles_and_thread_counts(threads):
+    hidden, weight, targets, g = linear_inputs(300, 16, 1100, torch.float32, seed=12)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_direction_matches_float64(hidden, weight, targets, g, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+def test_linear_fwd_with_grad_rescales_when_the_row_max_grows():
+    """Logits rising along the vocabulary: every block raises the running max, so the accumulated
+    softmax-weighted sum is rescaled at every block (by up to e^-12 per block here)."""
+    n, hidden_size, vocab = 7, 24, 2600
+    gen = torch.Generator().manual_seed(13)
+    hidden, _, targets, g = linear_inputs(n, hidden_size, vocab, torch.float32, seed=13)
+    hidden[:, 0] = hidden[:, 0].abs() + 1.0
+    weight = torch.randn(vocab, hidden_size, generator=gen) * 0.1
+    weight[:, 0] = torch.linspace(0.0, 60.0, vocab)  # logit of the last entry ≥ 60 above the first
+    targets[2] = vocab - 1
+    targets[3] = 0  # the first entry: ℓ ≈ −60, still exact after all the rescaling
+    assert_direction_matches_float64(hidden, weight, targets, g, torch.float32)
+
+
+@needs_ext
+def test_linear_fwd_with_grad_all_ignored_returns_zeros():
+    hidden, weight, _, _ = linear_inputs(9, 8, 50, torch.bfloat16, seed=3)
+    targets = torch.full((9,), IGNORE)
+    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE)
+    assert torch.all(logp == 0) and torch.all(lse == 0)
+    assert direction.shape == hidden.shape and torch.all(direction == 0)
+
+
+# ------------------------------------------------------------------------------------------------
 # segment statistics
 
 

@@ -136,6 +136,94 @@ def test_all_ignored_and_unscored(impl):
     assert (stats == 0).all() and (h_in.grad == 0).all()
 
 
+class _CallLog:
+    """A backend stand-in that forwards to `backend` and records the names of the functions called."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.backend, name)
+
+
+def _spy_backend(monkeypatch, impl) -> _CallLog:
+    log = _CallLog(ops._backend(impl))
+    monkeypatch.setattr(ops, "_backend", lambda _impl: log)
+    return log
+
+
+BACKEND_IMPLS = [i for i in IMPLS if getattr(i, "values", (i,))[0] in ("torch", "cpp")]
+
+
+@pytest.mark.parametrize("impl", BACKEND_IMPLS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_frozen_weight_gradient_is_computed_in_the_forward(monkeypatch, impl, dtype_name):
+    """linear_token_logprobs and linear_segment_scores with a frozen weight: one backend call computes
+    ℓ and dℓ/dhidden; the gradients still match float64 autograd."""
+    dtype = DTYPES[dtype_name]
+    n, v, h, m, tau = 41, 1271, 96, 5, 0.2
+    hidden, weight, targets, upstream = linear_inputs(n, v, h, dtype, seed=110)
+    weights, segment_ids, grad_stats = segment_inputs(n, m, torch.Generator().manual_seed(111))
+    segment_ids[targets == IGNORE] = -1
+    log = _spy_backend(monkeypatch, impl)
+
+    h_tok = hidden.clone().requires_grad_()
+    ours = ops.linear_token_logprobs(h_tok, weight, targets, impl=impl)
+    ours.backward(upstream.float())
+    h_seg = hidden.clone().requires_grad_()
+    stats = ops.linear_segment_scores(h_seg, weight, targets, weights.float(), segment_ids, m, tau, impl=impl)
+    (stats * grad_stats.float()).sum().backward()
+    assert log.calls.count("linear_token_logprobs_fwd_with_grad") == 2
+    assert "linear_token_logprobs_fwd" not in log.calls and "linear_token_logprobs_bwd" not in log.calls
+
+    h64, w64 = hidden.double().requires_grad_(), weight.double()
+    ref = reference_logprobs(h64 @ w64.T, targets)
+    ref.backward(upstream)
+    h64_seg = hidden.double().requires_grad_()
+    ref_stats = segment_stats_reference(reference_logprobs(h64_seg @ w64.T, targets), weights, segment_ids, m, tau)
+    (ref_stats * grad_stats).sum().backward()
+    h_same = hidden.clone().requires_grad_()
+    reference_logprobs(h_same @ weight.T, targets).backward(upstream.to(dtype))
+
+    assert h_tok.grad.dtype == dtype and h_seg.grad.dtype == dtype
+    assert_close_to_fp64(ours, ref.detach(), None, torch.float32, "logp")
+    assert_close_to_fp64(h_tok.grad, h64.grad, h_same.grad, dtype, "grad_hidden")
+    assert torch.all(h_tok.grad[targets == IGNORE] == 0)
+    assert_close_to_fp64(stats, ref_stats.detach(), None, torch.float32, "stats")
+    assert_close_to_fp64(h_seg.grad, h64_seg.grad, None, dtype, "grad_hidden (segments)")
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("impl", BACKEND_IMPLS)
+def test_gradient_in_forward_only_when_hidden_needs_it_and_weight_is_frozen(monkeypatch, impl):
+    hidden, weight, targets, _ = linear_inputs(9, 50, 8, torch.float32, seed=112)
+    log = _spy_backend(monkeypatch, impl)
+    with torch.no_grad():  # e.g. the reference model's pass
+        ops.linear_token_logprobs(hidden.clone().requires_grad_(), weight, targets, impl=impl)
+    ops.linear_token_logprobs(hidden, weight, targets, impl=impl)  # nothing requires grad
+    ops.linear_token_logprobs(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), targets,
+                              impl=impl).sum().backward()  # trainable weight: recompute path
+    assert "linear_token_logprobs_fwd_with_grad" not in log.calls
+    assert log.calls.count("linear_token_logprobs_fwd") == 3
+
+
+def test_torch_backend_gradient_direction_matches_float64():
+    """TorchBackend.linear_token_logprobs_fwd_with_grad over several chunks (16 tokens each here)."""
+    hidden, weight, targets, _ = linear_inputs(41, 1271, 96, torch.bfloat16, seed=113)
+    logp, lse, direction = ops.TorchBackend.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE)
+    h64 = hidden.double().requires_grad_()
+    z64 = h64 @ weight.double().T
+    ref = reference_logprobs(z64, targets)
+    ref.sum().backward()
+    scored = targets != IGNORE
+    assert direction.dtype == torch.float32 and direction.shape == hidden.shape
+    assert_close_to_fp64(logp, ref.detach(), None, torch.float32, "logp")
+    assert_close_to_fp64(lse[scored], torch.logsumexp(z64, -1)[scored].detach(), None, torch.float32, "lse")
+    assert_close_to_fp64(direction, h64.grad, None, torch.float32, "direction")
+    assert torch.all(direction[~scored] == 0) and torch.all(lse[~scored] == 0)
+
+
 def test_large_vocab_torch_and_triton_agree_with_fp64():
     n, v = 3, 70_001
     gen = torch.Generator().manual_seed(108)
