@@ -80,16 +80,11 @@ def test_tokens_per_pair(benchmark, result_sink):
 # ---------------------------------------------------------------------------------------- step time
 @functools.lru_cache(maxsize=1)
 def _cpu_case():
-    from pvfast.testing import load_tiny_model
+    from pvfast.testing import activate_lora, load_tiny_model
 
-    model = load_tiny_model("llama", lora=True)
-    # peft starts lora_B at zero; random adapters make the policy differ from the reference, so the
-    # margin, gate and barrier terms all carry gradient as they do mid-training.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    # Random adapters make the policy differ from the reference, so the margin, gate and barrier terms all
+    # carry gradient as they do mid-training.
+    model = activate_lora(load_tiny_model("llama", lora=True))
     return build_step_case(model, _tiny_tokenizer(), pvminer_records(CPU_STEP_EXAMPLES), TOKEN_BUDGET)
 
 

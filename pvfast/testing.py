@@ -261,3 +261,17 @@ def load_tiny_model(
             torch.manual_seed(recipe.seed + 1)  # LoRA A matrices are random: keep them reproducible
             model = get_peft_model(model, config)
     return model
+
+
+def activate_lora(model, seed: int = 0, std: float = 0.05):
+    """Give every LoRA B matrix seeded N(0, std²) values, in place; returns ``model``.
+
+    peft starts B at zero, so a fresh adapter changes nothing: policy equals reference and every A
+    gradient is zero. Tests and benchmarks that compare the two, or check A gradients, call this first.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model

@@ -23,7 +23,7 @@ from pvfast.losses import DpoConfig, PairIndex, SftConfig, TabpoConfig, compute_
 from pvfast.packing import CompletionGroup, group_tree_tokens, packed_forward
 from pvfast.prompt import PromptTemplate, build_prompt
 from pvfast.reference import lm_head_weight, reference_stats
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
 from pvfast.tokenization import token_weights, tokenize_completion, tokenize_pair_group
 from pvfast.weights import TokenWeightConfig
 
@@ -60,13 +60,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    model = load_tiny_model("llama", lora=True).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # peft starts B at zero: the adapters would change nothing
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return activate_lora(load_tiny_model("llama", lora=True).eval())
 
 
 # ---------------------------------------------------------------- float64 unshared reference

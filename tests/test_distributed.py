@@ -23,7 +23,7 @@ from pvfast.fused_loss import FusedTokenPOLoss
 from pvfast.packing import packed_attention_mask, packed_forward
 from pvfast.prompt import PromptTemplate
 from pvfast.reference import lm_head_weight, reference_stats
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
 from pvfast.weights import TokenWeightConfig
 
 WORLD_SIZE = 2
@@ -114,13 +114,7 @@ def _micro_batches(tokenizer):
 def _model(perturb_seed: int):
     """The tiny LoRA Llama with lora_B set from ``perturb_seed`` (peft starts B at zero, which would leave
     lora_A without a gradient in the first step)."""
-    model = load_tiny_model("llama", lora=True)
-    generator = torch.Generator().manual_seed(perturb_seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model
+    return activate_lora(load_tiny_model("llama", lora=True), seed=perturb_seed)
 
 
 def _loss(model, batch, loss_fn):

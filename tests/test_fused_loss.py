@@ -15,7 +15,7 @@ from pvfast.data.jsonfmt import serialize
 from pvfast.data.synth import generate_corpus
 from pvfast.losses import TabpoConfig, compute_objective, default_config, effective_token_weights, stats_from_padded
 from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
 from pvfast.tokenization import tokenize_pair_group
 from pvfast.weights import TokenWeightConfig
 
@@ -44,11 +44,8 @@ def _batch(tokenizer, n_examples=2):
 def setup():
     torch.manual_seed(0)
     tokenizer = load_tiny_tokenizer("llama")
-    model = load_tiny_model("llama", lora=True).eval()  # eval: no LoRA dropout, both paths see one network
-    with torch.no_grad():  # move the adapters off zero so that policy and reference differ
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    # eval: no LoRA dropout, both paths see one network; adapters off zero so policy and reference differ
+    model = activate_lora(load_tiny_model("llama", lora=True).eval())
     return tokenizer, model, _batch(tokenizer)
 
 

@@ -21,7 +21,7 @@ from pvfast.packing import (
     tree_mask_mod,
 )
 from pvfast.stats import segment_stats_reference
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
 
 VOCAB = 97  # random token ids below this (valid for the tiny models' larger vocabulary)
 
@@ -279,13 +279,7 @@ def _tiny_model(arch: str, lora: bool = False, quant: str = "none"):
     """The project's tiny model in eval mode; with LoRA, B matrices randomised so the adapters are active
     (peft starts B at zero, which leaves the output unchanged and every A gradient zero)."""
     model = load_tiny_model(arch, quant=quant, lora=lora).eval()
-    if lora:
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return activate_lora(model) if lora else model
 
 
 def _separate_logprobs(model, groups):

@@ -16,7 +16,7 @@ from pvfast.packing import group_tree_tokens, packed_forward
 from pvfast.prompt import PromptTemplate, build_prompt
 from pvfast.reference import (ReferenceCache, batch_key, frozen_model_stats, lm_head_weight, precompute_reference,
                               reference_stats)
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
 from pvfast.tokenization import tokenize_pair_group
 from pvfast.weights import TokenWeightConfig
 
@@ -42,13 +42,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    model = load_tiny_model("llama", lora=True).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # peft starts B at zero: policy would equal reference
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return activate_lora(load_tiny_model("llama", lora=True).eval())
 
 
 @pytest.fixture(scope="module")
