@@ -30,7 +30,7 @@ def provider_available(provider: str, device: str) -> str | None:
     if provider == "pvfast-cpp":
         if device != "cpu":
             return "the C++ op is the CPU implementation"
-        from pvfast._cpp import cpp_available
+        from pvfast.ops.cpp_backend import cpp_available
 
         if not cpp_available():
             return "pvfast._C is not built"
@@ -48,12 +48,14 @@ def _logprob_fn(provider: str):
             return torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)
         return naive
     if provider.startswith("pvfast-"):
-        from pvfast import ops
+        from pvfast.ops import dispatch as ops
 
         impl = provider.removeprefix("pvfast-")
         return lambda h, w, y: ops.linear_token_logprobs(h, w, y, impl=impl)
     if provider == "liger":
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
 
         loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
         return lambda h, w, y: -loss(w, h, y)

@@ -26,7 +26,7 @@ def loss_provider_available(provider: str) -> str | None:
     if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed"
     if provider == "pvfast":
-        from pvfast._cpp import cpp_available
+        from pvfast.ops.cpp_backend import cpp_available
 
         if not cpp_available() and not torch.cuda.is_available():
             return "pvfast._C is not built (the CPU path of the fused op)"
@@ -42,9 +42,9 @@ def _loss_fn(provider: str, p: int, t: int, v: int, device: str):
         return naive
     if provider == "pvfast":
         from pvfast import FusedTokenPOLoss, PairIndex
-        from pvfast.fused_loss import ScoringRows
-        from pvfast.losses import DpoConfig
-        from pvfast.stats import NUM_STATS
+        from pvfast.objectives.fused_loss import ScoringRows
+        from pvfast.objectives.losses import DpoConfig
+        from pvfast.objectives.stats import NUM_STATS
 
         loss = FusedTokenPOLoss("dpo", DpoConfig(beta=BETA))
         segments = torch.arange(2 * p, device=device).repeat_interleave(t)

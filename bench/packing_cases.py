@@ -2,7 +2,7 @@
 
 The PV-Miner-shaped workload is the real pipeline on the synthetic corpus: the prompt builder's ~3.5k-token
 instruction (tiny tokenizer), each message, the canonical JSON of its annotations as chosen and three
-rejected outputs from :func:`pvfast.pairs.make_preference_records` (empty confusion tables: label draws are
+rejected outputs from :func:`pvfast.data.pairs.make_preference_records` (empty confusion tables: label draws are
 uniform, which changes which labels are confused, not the token lengths).
 
 Two layouts of the same pairs:
@@ -11,7 +11,7 @@ Two layouts of the same pairs:
   full sequences, each with the whole prompt; the reference runs the same two sequences again with the
   adapters disabled. Per pair: 2 · [(P + C) + (P + R)] tokens.
 - **pvfast**: records packed as token tries into rows of at most ``token_budget`` tokens
-  (:func:`pvfast.batching.make_loss_batches`); the reference is a second forward over the same row, or none
+  (:func:`pvfast.packing.loss_batch.make_loss_batches`); the reference is a second forward over the same row, or none
   per step with a precomputed cache (one extra pass over the data before training).
 """
 
@@ -24,18 +24,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pvfast.batching import LossBatch, make_loss_batches, preference_groups
-from pvfast.codebook import CODES, SUBCODES
-from pvfast.collate import collate_pair_groups
+from pvfast.data.codebook import CODES, SUBCODES
+from pvfast.data.pairs import ConfusionTable, make_preference_records
+from pvfast.data.prompt import build_prompt
 from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import default_corpus
-from pvfast.fused_loss import FusedTokenPOLoss, causal_lm_rows
-from pvfast.packing import packed_attention_mask, packed_forward
-from pvfast.pairs import ConfusionTable, make_preference_records
-from pvfast.prompt import build_prompt
-from pvfast.reference import lm_head_weight, reference_stats
-from pvfast.tokenization import TokenizedPairGroup, tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import TokenizedPairGroup, tokenize_pair_group
+from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
+from pvfast.model.reference import reference_stats
+from pvfast.objectives.fused_loss import FusedTokenPOLoss, causal_lm_rows
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.loss_batch import LossBatch, make_loss_batches, preference_groups
+from pvfast.packing.padded import collate_pair_groups
 
 REJECTED_PER_EXAMPLE = 3  # the default strategies: label confusion, missing and extra annotation
 TOKEN_BUDGET = 16384  # tokens per packed row (the trainer's default micro-batch budget)

@@ -21,8 +21,14 @@ import pytest
 import torch
 
 from bench.harness import cuda_peak_extra_bytes
-from bench.packing_cases import (REJECTED_PER_EXAMPLE, TOKEN_BUDGET, build_step_case, count_layout_tokens,
-                                 pvminer_records, qwen25_15b_qlora)
+from bench.packing_cases import (
+    REJECTED_PER_EXAMPLE,
+    TOKEN_BUDGET,
+    build_step_case,
+    count_layout_tokens,
+    pvminer_records,
+    qwen25_15b_qlora,
+)
 
 TOKENS_SUBJECT = "packing_tokens_per_pair"
 TOKENS_COLUMNS = ["layout", "reference", "records", "pairs", "packs", "token_budget", "prompt_tokens_mean",
@@ -44,7 +50,7 @@ _step_rows: dict[tuple[str, str], dict] = {}
 
 @functools.lru_cache(maxsize=1)
 def _tiny_tokenizer():
-    from pvfast.testing import load_tiny_tokenizer
+    from pvfast.model.tiny import load_tiny_tokenizer
 
     return load_tiny_tokenizer()
 

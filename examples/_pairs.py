@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pvfast.codebook import CODES, SUBCODES
+from pvfast.data.codebook import CODES, SUBCODES
+from pvfast.data.pairs import ConfusionTable, PairConfig, make_preference_records
+from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.synth import generate_corpus
-from pvfast.pairs import ConfusionTable, PairConfig, make_preference_records
-from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.tokenization import tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import tokenize_pair_group
+from pvfast.objectives.weights import TokenWeightConfig
 
 # A short user template keeps the CPU examples quick; real runs use pvfast's full instruction (the default).
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN: {direction}\nContext: {message}"
@@ -15,7 +15,7 @@ SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN
 
 
 def pair_groups(tokenizer, n_examples: int = 2, seed: int = 0, template: PromptTemplate | None = SHORT_TEMPLATE):
-    """Tokenized (prompt, chosen, k rejected) groups; rejected outputs from pvfast.pairs with empty
+    """Tokenized (prompt, chosen, k rejected) groups; rejected outputs from pvfast.data.pairs with empty
     confusion tables (uniform label confusions), as before any SFT model exists."""
     examples = [e for e in generate_corpus(n=50, seed=seed) if len(e.annotations) >= 2][:n_examples]
     records = make_preference_records(examples, ConfusionTable.empty(CODES), ConfusionTable.empty(SUBCODES),

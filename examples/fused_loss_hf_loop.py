@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _pairs when run 
 from _pairs import pair_groups  # noqa: E402
 
 from pvfast import FusedTokenPOLoss, causal_lm_rows  # noqa: E402
-from pvfast.collate import collate_pair_groups  # noqa: E402
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer  # noqa: E402
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.packing.padded import collate_pair_groups  # noqa: E402
+from pvfast.testing import load_tiny_model
 
 
 def final_hidden(peft_model, batch):

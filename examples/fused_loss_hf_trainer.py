@@ -2,7 +2,7 @@
 
     python examples/fused_loss_hf_trainer.py              # tiny Llama + LoRA on the CPU, 6 steps
 
-The trainer's collator yields padded pair rows (``pvfast.collate``); ``compute_loss`` runs the model to
+The trainer's collator yields padded pair rows (``pvfast.packing.padded``); ``compute_loss`` runs the model to
 its final hidden states, scores the reference with the adapters disabled, and returns pvfast's loss.
 The same three lines drop into TRL's ``DPOTrainer.compute_loss`` or any other trainer.
 """
@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pairs import pair_groups  # noqa: E402
 
 from pvfast import FusedTokenPOLoss, causal_lm_rows  # noqa: E402
-from pvfast.collate import collate_pair_groups  # noqa: E402
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer  # noqa: E402
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.packing.padded import collate_pair_groups  # noqa: E402
+from pvfast.testing import load_tiny_model
 
 
 class FusedPOTrainer(Trainer):

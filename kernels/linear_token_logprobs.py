@@ -2,7 +2,7 @@
 
 Forward: one program per tile of BLOCK_N tokens sweeps the vocabulary in BLOCK_V tiles; each logits tile
 is BLOCK_N×BLOCK_V = Σ over BLOCK_H slices of tl.dot(h, Wᵀ) in fp32 and folds into an online log-sum-exp.
-With ``HAS_SEGMENTS`` the per-completion sums of ``segment_scores.py`` are added right after the sweep
+With ``HAS_SEGMENTS`` the per-completion sums of ``segment_stats.py`` are added right after the sweep
 (the fused epilogue), so ℓ never makes a round trip through memory before being reduced.
 
 Backward (recomputes the logits tiles from the saved lse; nothing N×V is saved):
@@ -34,11 +34,15 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from pvfast.kernels import interpreting
-from pvfast.kernels.segment_scores import (_accumulate_segment_stats, check_segment_vectors,
-                                           segment_scores_backward)
-from pvfast.stats import NUM_STATS, log_tau as _log_tau
+from pvfast.kernels.segment_stats import (
+    _accumulate_segment_stats,
+    check_segment_vectors,
+    segment_stats_backward,
+)
+
+from pvfast.objectives.stats import NUM_STATS
+from pvfast.objectives.stats import log_tau as _log_tau
 
 IGNORE_INDEX = -100
 AUTOTUNE = os.environ.get("PVFAST_AUTOTUNE", "0") == "1"
@@ -245,7 +249,7 @@ def linear_token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, ta
     """hidden (N, H), weight (V, H), targets (N,) → (logp (N,), lse (N,), stats (M, 7) or None), fp32.
 
     With ``segment_ids`` (N,) and ``weights`` (N,) the fused epilogue also returns the per-completion
-    sums of :mod:`pvfast.stats`.
+    sums of :mod:`pvfast.objectives.stats`.
     """
     check_linear_inputs(hidden, weight, targets)
     has_segments = segment_ids is not None
@@ -253,7 +257,7 @@ def linear_token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, ta
         if weights is None:
             raise ValueError("linear_token_logprobs: segment_ids given without token weights")
         check_segment_vectors(targets.shape[0], targets.device, weights, segment_ids, num_segments,
-                              "linear_segment_scores")
+                              "linear_segment_stats")
         weights = weights.float().contiguous()
         segment_ids = segment_ids.long().contiguous()
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
@@ -325,11 +329,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-class LinearSegmentScoresFunction(torch.autograd.Function):
+class LinearSegmentStatsFunction(torch.autograd.Function):
     """hidden (N, H), weight (V, H), targets (N,), weights (N,), segment_ids (N,) → stats (M, 7) fp32.
 
     One forward pass computes ℓ and reduces it into the per-completion sums (the fused epilogue).
-    Backward: dL/dstats → dL/dℓ (a gather, ``segment_scores.py``), then the recomputing linear backward.
+    Backward: dL/dstats → dL/dℓ (a gather, ``segment_stats.py``), then the recomputing linear backward.
     """
 
     @staticmethod
@@ -345,7 +349,7 @@ class LinearSegmentScoresFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_stats):
         hidden, weight, targets, weights, segment_ids, logp, lse = ctx.saved_tensors
-        grad_logp = segment_scores_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
+        grad_logp = segment_stats_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
         grad_hidden, grad_weight = linear_token_logprobs_backward(
             hidden, weight, targets, lse, grad_logp, ctx.ignore_index, ctx.needs_input_grad[1], ctx.blocks)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None

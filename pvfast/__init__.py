@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 
 # Resolved lazily so that `import pvfast` (and the data tools) never import Triton or the kernels.
 _LAZY = {
-    "FusedTokenPOLoss": "pvfast.fused_loss",
-    "ScoringRows": "pvfast.fused_loss",
-    "causal_lm_rows": "pvfast.fused_loss",
-    "PairIndex": "pvfast.losses",
-    "compute_objective": "pvfast.losses",
-    "TabpoConfig": "pvfast.losses",
+    "FusedTokenPOLoss": "pvfast.objectives.fused_loss",
+    "ScoringRows": "pvfast.objectives.fused_loss",
+    "causal_lm_rows": "pvfast.objectives.fused_loss",
+    "PairIndex": "pvfast.objectives.losses",
+    "compute_objective": "pvfast.objectives.losses",
+    "TabpoConfig": "pvfast.objectives.losses",
 }
 __all__ = ["__version__", *_LAZY]
 

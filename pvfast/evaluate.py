@@ -1,6 +1,6 @@
 """Evaluate extraction outputs against gold data (SPEC §5): Code / Sub-code / Span P/R/F1, mean ± std.
 
-Two modes, both scoring with :mod:`pvfast.metrics` and writing one JSON report plus a printed table:
+Two modes, both scoring with :mod:`pvfast.eval.metrics` and writing one JSON report plus a printed table:
 
 Score precomputed outputs, one file per seed (JSONL, one ``{"id": ..., "output": ...}`` per line)::
 
@@ -18,7 +18,7 @@ On the CPU with the tiny test model (random weights: expect format errors, not s
 
     python -m pvfast.data synth --n 40 --seed 0 --out /tmp/pv-synth
     python -m pvfast.evaluate --data /tmp/pv-synth/test.jsonl --limit 4 --max-new-tokens 16 \\
-        --model "$(python -c 'from pvfast.testing import tiny_model_dir; print(tiny_model_dir("qwen2"))')"
+        --model "$(python -c 'from pvfast.model.tiny import tiny_model_dir; print(tiny_model_dir("qwen2"))')"
 
 ``--data`` is required in both modes: a report is only meaningful against a named gold file (make the
 synthetic one with ``python -m pvfast.data synth``). Every id of the data must have exactly one
@@ -39,29 +39,22 @@ from pathlib import Path
 from typing import Sequence
 
 from pvfast.data.io import DataError, load_examples
-from pvfast.data.jsonfmt import ParseResult, parse_output
+from pvfast.data.jsonfmt import ParseResult
+from pvfast.data.predictions import (
+    align_predictions,
+    read_predictions,
+    write_predictions,
+)
 from pvfast.data.records import Annotation, Example
-from pvfast.generation import (add_generation_arguments, align_predictions, generate_completions,
-                               load_model_for_generation, read_predictions, write_predictions)
-from pvfast.metrics import Report, aggregate, render_table, score_corpus
+from pvfast.eval.metrics import render_table
+from pvfast.eval.scoring import evaluate_outputs, report_json
+from pvfast.model.generation import (
+    add_generation_arguments,
+    generate_completions,
+    load_model_for_generation,
+)
 
 EXIT_INVALID_DATA = 2
-
-
-def evaluate_outputs(examples: Sequence[Example], outputs: Sequence[str],
-                     dedup_spans: bool = False) -> tuple[Report, list[ParseResult]]:
-    """Parse raw outputs (aligned with ``examples``) and score them against the gold annotations."""
-    parsed = [parse_output(text) for text in outputs]
-    return score_corpus([ex.annotations for ex in examples], parsed, dedup_spans), parsed
-
-
-def report_json(runs: Sequence[tuple[str, Report]], settings: dict) -> dict:
-    """The JSON report: settings, one entry per run (source and scores), mean ± std over runs."""
-    return {
-        "settings": settings,
-        "runs": [{"source": source, "report": report.to_dict()} for source, report in runs],
-        "aggregate": {name: value.to_dict() for name, value in aggregate([r for _, r in runs]).items()},
-    }
 
 
 def _format_triples(annotations: Sequence[Annotation]) -> str:
@@ -124,7 +117,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _generated_runs(args: argparse.Namespace, examples: list[Example]) -> list[tuple[str, list[str]]]:
     template = None
     if args.template is not None:
-        from pvfast.prompt import PromptTemplate
+        from pvfast.data.prompt import PromptTemplate
 
         template = PromptTemplate.from_file(args.template)
     runs = []

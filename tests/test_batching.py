@@ -12,20 +12,41 @@ import random
 import pytest
 import torch
 
-from pvfast.batching import (GroupKey, LossBatch, PackingStats, epoch_order, fit_to_budget, make_loss_batches,
-                             preference_groups, sft_groups)
-from pvfast.class_balance import ClassBalanceConfig
 from pvfast.data.jsonfmt import serialize
+from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import generate_corpus
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.losses import DpoConfig, PairIndex, SftConfig, TabpoConfig, compute_objective, stats_from_padded
-from pvfast.packing import CompletionGroup, group_tree_tokens, packed_forward
-from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.reference import lm_head_weight, reference_stats
-from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
-from pvfast.tokenization import token_weights, tokenize_completion, tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import (
+    token_weights,
+    tokenize_completion,
+    tokenize_pair_group,
+)
+from pvfast.model.forward import lm_head_weight, packed_forward
+from pvfast.model.reference import reference_stats
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.objectives.losses import (
+    DpoConfig,
+    PairIndex,
+    SftConfig,
+    TabpoConfig,
+    compute_objective,
+    stats_from_padded,
+)
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.loss_batch import (
+    GroupKey,
+    LossBatch,
+    PackingStats,
+    epoch_order,
+    fit_to_budget,
+    make_loss_batches,
+    preference_groups,
+    sft_groups,
+)
+from pvfast.packing.tree import CompletionGroup, group_tree_tokens
+from pvfast.testing import activate_lora, load_tiny_model
 
 # Exactness does not depend on the prompt's length; a short template keeps the forwards fast.
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nTO_PAT_YN: {direction}\n{message}\nOUTPUT:",

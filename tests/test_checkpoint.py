@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pvfast import checkpoint as ckpt
-from pvfast.checkpoint import (
+from pvfast import atomic
+from pvfast.model.tiny import load_tiny_tokenizer, tiny_model_dir
+from pvfast.testing import load_tiny_model
+from pvfast.train import checkpoint as ckpt
+from pvfast.train.checkpoint import (
     CheckpointError,
     TrainState,
     collect_rng_state,
@@ -24,7 +27,6 @@ from pvfast.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer, tiny_model_dir
 
 ARCH = "llama"
 BATCH, MIN_LEN, MAX_LEN = 2, 6, 10
@@ -269,7 +271,7 @@ def test_killed_save_leaves_no_valid_checkpoint_and_is_cleaned_up(trained, tmp_p
         raise KeyboardInterrupt
 
     # A kill leaves the temp directory behind: no cleanup, and death just before the manifest.
-    monkeypatch.setattr(ckpt, "_discard", lambda path: None)
+    monkeypatch.setattr(atomic, "discard", lambda path: None)
     monkeypatch.setattr(ckpt, "_write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         save_at(tmp_path, trained, 2)

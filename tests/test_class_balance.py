@@ -4,10 +4,15 @@ import math
 
 import pytest
 
-from pvfast.class_balance import (ClassBalanceConfig, attach_class_balance, class_balance_weights,
-                                  example_labels, label_weights)
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
+from pvfast.objectives.class_balance import (
+    ClassBalanceConfig,
+    attach_class_balance,
+    class_balance_weights,
+    example_labels,
+    label_weights,
+)
 
 PP = "PartnershipPatient"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pvfast import codebook as cb
+from pvfast.data import codebook as cb
 
 # Written out from SPEC §1 independently of the module under test.
 PROVIDER_CODES = {"SDOH", "SocioEmotionalBehaviour", "PartnershipProvider", "SharedDecisionProvider",

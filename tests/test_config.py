@@ -7,12 +7,29 @@ import json
 import pytest
 import yaml
 
-from pvfast.class_balance import ClassBalanceConfig
-from pvfast.config import (ConfigError, POStageConfig, PipelineStageConfig, SFTStageConfig, config_from_dict,
-                           config_to_dict, format_config, load_config, parse_cli, save_config, stage_of)
-from pvfast.losses import DpoConfig, IpoConfig, SimpoConfig, SftConfig, TabpoConfig
-from pvfast.pairs import PairConfig
-from pvfast.weights import TokenWeightConfig
+from pvfast.config.stages import (
+    ConfigError,
+    PipelineStageConfig,
+    POStageConfig,
+    SFTStageConfig,
+    config_from_dict,
+    config_to_dict,
+    format_config,
+    load_config,
+    parse_cli,
+    save_config,
+    stage_of,
+)
+from pvfast.data.pairs import PairConfig
+from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.losses import (
+    DpoConfig,
+    IpoConfig,
+    SftConfig,
+    SimpoConfig,
+    TabpoConfig,
+)
+from pvfast.objectives.weights import TokenWeightConfig
 
 SPEC6_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,9 +108,9 @@ def test_tiny_preset_is_a_small_cpu_run():
 def test_tiny_preset_fits_its_corpus():
     """Every gold completion of the tiny corpus is accepted, and the longest prompt with it fits one pack."""
     from pvfast.data.jsonfmt import serialize
+    from pvfast.data.prompt import build_prompt
     from pvfast.data.synth import generate_corpus
-    from pvfast.prompt import build_prompt
-    from pvfast.testing import load_tiny_tokenizer
+    from pvfast.model.tiny import load_tiny_tokenizer
 
     cfg = load_config("pipeline", preset="tiny")
     tokenizer = load_tiny_tokenizer(cfg.model.tiny_arch)

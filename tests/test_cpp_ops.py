@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from pvfast import _cpp
-from pvfast.stats import NUM_STATS, log_tau, segment_stats_reference
+from pvfast.objectives.stats import NUM_STATS, log_tau, segment_stats_reference
+from pvfast.ops import cpp_backend as _cpp
 
 try:
     from pvfast import _C

@@ -13,18 +13,28 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pvfast.batching import make_loss_batches, preference_groups
+from pvfast.data.jsonfmt import serialize
+from pvfast.data.prompt import PromptTemplate
 from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import default_corpus
-from pvfast.data.jsonfmt import serialize
-from pvfast.distributed import (DistContext, all_reduce_mean, barrier, cleanup, packed_hidden, setup_distributed,
-                                shard, unwrap, wrap_model)
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.packing import packed_attention_mask, packed_forward
-from pvfast.prompt import PromptTemplate
-from pvfast.reference import lm_head_weight, reference_stats
-from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
-from pvfast.weights import TokenWeightConfig
+from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
+from pvfast.model.reference import reference_stats
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.loss_batch import make_loss_batches, preference_groups
+from pvfast.testing import activate_lora, load_tiny_model
+from pvfast.train.distributed import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    packed_hidden,
+    setup_distributed,
+    shard,
+    unwrap,
+    wrap_model,
+)
 
 WORLD_SIZE = 2
 LR = 1e-2

@@ -10,9 +10,10 @@ from transformers import GenerationConfig
 
 from pvfast.data.io import write_examples
 from pvfast.data.jsonfmt import STOP_TEXT, parse_output, serialize
+from pvfast.data.predictions import read_predictions
 from pvfast.data.records import Annotation, Example
 from pvfast.evaluate import main
-from pvfast.generation import read_predictions, truncate_at_stop_text
+from pvfast.model.generation import truncate_at_stop_text
 
 PP, SDOH, SEB = "PartnershipPatient", "SDOH", "SocioEmotionalBehaviour"
 
@@ -158,7 +159,7 @@ def test_truncate_at_stop_text():
 
 @pytest.mark.slow
 def test_generate_mode_smoke(files, tmp_path, capsys):
-    from pvfast.testing import tiny_model_dir
+    from pvfast.model.tiny import tiny_model_dir
 
     data, _, _ = files
     saved, out = tmp_path / "gen.jsonl", tmp_path / "gen-report.json"
@@ -203,9 +204,9 @@ class _LengthEchoModel(torch.nn.Module):
 
 
 def test_generate_completions_order_padding_and_stops():
-    from pvfast.generation import generate_completions
-    from pvfast.prompt import build_prompt
-    from pvfast.testing import load_tiny_tokenizer
+    from pvfast.data.prompt import build_prompt
+    from pvfast.model.generation import generate_completions
+    from pvfast.model.tiny import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer("qwen2")
     model = _LengthEchoModel(tokenizer)
@@ -224,9 +225,10 @@ def test_generate_completions_order_padding_and_stops():
 @pytest.mark.slow
 def test_generate_completions_matches_unpadded_greedy_reference():
     """Batched, left-padded generation with a real (tiny, random) Llama equals a plain greedy loop."""
-    from pvfast.generation import generate_completions
-    from pvfast.prompt import build_prompt
-    from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+    from pvfast.data.prompt import build_prompt
+    from pvfast.model.generation import generate_completions
+    from pvfast.model.tiny import load_tiny_tokenizer
+    from pvfast.testing import load_tiny_model
 
     model, tokenizer = load_tiny_model("llama"), load_tiny_tokenizer("llama")
     examples = [EXAMPLES[0], EXAMPLES[2], EXAMPLES[1]]

@@ -10,14 +10,21 @@ import pytest
 import torch
 
 from pvfast import FusedTokenPOLoss, causal_lm_rows
-from pvfast.collate import collate_pair_groups
 from pvfast.data.jsonfmt import serialize
+from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.synth import generate_corpus
-from pvfast.losses import TabpoConfig, compute_objective, default_config, effective_token_weights, stats_from_padded
-from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
-from pvfast.tokenization import tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import tokenize_pair_group
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.losses import (
+    TabpoConfig,
+    compute_objective,
+    default_config,
+    effective_token_weights,
+    stats_from_padded,
+)
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.padded import collate_pair_groups
+from pvfast.testing import activate_lora, load_tiny_model
 
 IGNORE = -100
 # Exactness does not depend on the prompt's length; a short template keeps the test fast.
@@ -26,7 +33,7 @@ SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN
 
 
 def _batch(tokenizer, n_examples=2):
-    """Padded rows [chosen for pair 1, rejected 1, chosen for pair 2, ...] (pvfast.collate)."""
+    """Padded rows [chosen for pair 1, rejected 1, chosen for pair 2, ...] (pvfast.packing.padded)."""
     examples = [e for e in generate_corpus(n=40, seed=3) if len(e.annotations) >= 2][:n_examples]
     groups = []
     for ex in examples:

@@ -12,12 +12,16 @@ import math
 
 import pytest
 import torch
-
-from pvfast.kernels.linear_token_logprobs import (LinearSegmentScoresFunction, LinearTokenLogprobsFunction,
-                                                  linear_token_logprobs_backward, linear_token_logprobs_forward)
-from pvfast.kernels.segment_scores import SegmentScoresFunction
+from pvfast.kernels.linear_token_logprobs import (
+    LinearSegmentStatsFunction,
+    LinearTokenLogprobsFunction,
+    linear_token_logprobs_backward,
+    linear_token_logprobs_forward,
+)
+from pvfast.kernels.segment_stats import SegmentStatsFunction
 from pvfast.kernels.token_logprobs import TokenLogprobsFunction, token_logprobs_forward
-from pvfast.stats import NUM_STATS, segment_stats_reference
+
+from pvfast.objectives.stats import NUM_STATS, segment_stats_reference
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -235,14 +239,14 @@ def segment_inputs(n: int, m: int, gen: torch.Generator):
 
 
 @pytest.mark.parametrize("tau", [0.3, 1.0])
-def test_segment_scores_matches_reference(tau):
+def test_segment_stats_matches_reference(tau):
     n, m = 1500, 6  # more tokens than one program's block
     gen = torch.Generator().manual_seed(21)
     logp64 = -torch.rand(n, generator=gen, dtype=torch.float64) * 4
     weights, segment_ids, grad_stats = segment_inputs(n, m, gen)
 
     logp = logp64.float().requires_grad_()
-    stats = SegmentScoresFunction.apply(logp, weights.float(), segment_ids, m, tau)
+    stats = SegmentStatsFunction.apply(logp, weights.float(), segment_ids, m, tau)
     (stats * grad_stats.float()).sum().backward()
 
     ref_in = logp64.clone().requires_grad_()
@@ -255,12 +259,12 @@ def test_segment_scores_matches_reference(tau):
     assert (stats[m - 1] == 0).all() and (logp.grad[segment_ids < 0] == 0).all()
 
 
-def test_segment_scores_hand_worked_case():
+def test_segment_stats_hand_worked_case():
     # Two completions, τ = 0.5 (log τ ≈ −0.693). Token 2 is unscored.
     logp = torch.tensor([-0.1, -2.0, -5.0, -1.0], requires_grad=True)
     weights = torch.tensor([1.0, 0.5, 9.0, 2.0])
     segment_ids = torch.tensor([0, 0, -1, 1])
-    stats = SegmentScoresFunction.apply(logp, weights, segment_ids, 2, 0.5)
+    stats = SegmentStatsFunction.apply(logp, weights, segment_ids, 2, 0.5)
     expected = torch.tensor([
         # Σℓ     Σwℓ            Σw   n    Σwg(−ℓ)  Σwg  Σg
         [-2.1, -0.1 - 1.0, 1.5, 2.0, 1.0, 0.5, 1.0],
@@ -276,7 +280,7 @@ def test_segment_scores_hand_worked_case():
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_linear_segment_scores_matches_composed_reference(dtype_name, weight_grad):
+def test_linear_segment_stats_matches_composed_reference(dtype_name, weight_grad):
     dtype = DTYPES[dtype_name]
     n, v, h, m, tau = 41, 1271, 96, 5, 0.2
     hidden, weight, targets, _ = linear_inputs(n, v, h, dtype, seed=31)
@@ -285,7 +289,7 @@ def test_linear_segment_scores_matches_composed_reference(dtype_name, weight_gra
     segment_ids[targets == IGNORE] = -1  # ignored targets are not scored (the trainer's convention)
 
     h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
-    stats = LinearSegmentScoresFunction.apply(h_in, w_in, targets, weights.float(), segment_ids, m, tau,
+    stats = LinearSegmentStatsFunction.apply(h_in, w_in, targets, weights.float(), segment_ids, m, tau,
                                               IGNORE, SMALL_BLOCKS)
     (stats * grad_stats.float()).sum().backward()
 
@@ -307,11 +311,11 @@ def test_linear_segment_scores_matches_composed_reference(dtype_name, weight_gra
         assert w_in.grad is None
 
 
-def test_linear_segment_scores_all_unscored():
+def test_linear_segment_stats_all_unscored():
     hidden, weight, targets, _ = linear_inputs(17, 150, 32, torch.float32, seed=41)
     h_in = hidden.clone().requires_grad_()
     segment_ids = torch.full((17,), -1)
-    stats = LinearSegmentScoresFunction.apply(h_in, weight, targets, torch.rand(17) + 0.1, segment_ids, 3, 0.5,
+    stats = LinearSegmentStatsFunction.apply(h_in, weight, targets, torch.rand(17) + 0.1, segment_ids, 3, 0.5,
                                               IGNORE, SMALL_BLOCKS)
     (stats * torch.randn(3, NUM_STATS)).sum().backward()
     assert (stats == 0).all() and (h_in.grad == 0).all()
@@ -322,7 +326,7 @@ def test_linear_segment_scores_all_unscored():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_linear_segment_scores_cuda(dtype_name):
+def test_linear_segment_stats_cuda(dtype_name):
     dtype = DTYPES[dtype_name]
     n, v, h, m, tau = 1000, 32_003, 512, 8, 0.5
     hidden, weight, targets, _ = linear_inputs(n, v, h, dtype, seed=51)
@@ -332,7 +336,7 @@ def test_linear_segment_scores_cuda(dtype_name):
     cuda = torch.device("cuda")
     h_in = hidden.to(cuda).requires_grad_()
     w_in = weight.to(cuda).requires_grad_()
-    stats = LinearSegmentScoresFunction.apply(h_in, w_in, targets.to(cuda), weights.float().to(cuda),
+    stats = LinearSegmentStatsFunction.apply(h_in, w_in, targets.to(cuda), weights.float().to(cuda),
                                               segment_ids.to(cuda), m, tau)
     (stats * grad_stats.float().to(cuda)).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()

@@ -6,12 +6,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pvfast.class_balance import ClassBalanceConfig
-from pvfast.losses import (OBJECTIVES, PRESETS, CalDpoConfig, CompletionStats, DpoConfig, DpoPositiveConfig,
-                           IpoConfig, PairIndex, SftConfig, SimpoConfig, TabpoConfig, compute_objective,
-                           default_config, effective_token_weights, repeat_per_pair, stats_from_padded,
-                           tabpo_terms)
-from pvfast.weights import TokenWeightConfig
+from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.losses import (
+    OBJECTIVES,
+    PRESETS,
+    CalDpoConfig,
+    CompletionStats,
+    DpoConfig,
+    DpoPositiveConfig,
+    IpoConfig,
+    PairIndex,
+    SftConfig,
+    SimpoConfig,
+    TabpoConfig,
+    compute_objective,
+    default_config,
+    effective_token_weights,
+    repeat_per_pair,
+    stats_from_padded,
+    tabpo_terms,
+)
+from pvfast.objectives.weights import TokenWeightConfig
 
 F64 = torch.float64
 CB_ON = ClassBalanceConfig(enabled=True)

@@ -7,8 +7,16 @@ import pytest
 
 from pvfast.data.jsonfmt import parse_output, serialize
 from pvfast.data.records import Annotation
-from pvfast.metrics import (aggregate, greedy_span_matching, render_table, report_from_dict, score_corpus,
-                            span_counts, span_words, spans_match)
+from pvfast.eval.metrics import (
+    aggregate,
+    greedy_span_matching,
+    render_table,
+    report_from_dict,
+    score_corpus,
+    span_counts,
+    span_words,
+    spans_match,
+)
 
 PP, SDOH, SEB = "PartnershipPatient", "SDOH", "SocioEmotionalBehaviour"
 

@@ -1,4 +1,4 @@
-"""Public ops (pvfast.ops): every backend against float64 references, dispatch, and input errors.
+"""Public ops (pvfast.ops.dispatch): every backend against float64 references, dispatch, and input errors.
 
 Backends: "torch" (chunked reference), "triton" (interpreter on the CPU), "auto", and "cpp" when the
 extension pvfast._C is built. Allocations are NaN-poisoned (fixture from test_kernels_triton).
@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kernels_triton import (  # noqa: F401
+    DTYPES,
+    IGNORE,
+    assert_close_to_fp64,
+    linear_inputs,
+    poisoned_allocations,
+    random_targets,
+    random_upstream,
+    reference_logprobs,
+    segment_inputs,
+)
 
-from pvfast import ops
-from pvfast.stats import NUM_STATS, segment_stats_reference
-from test_kernels_triton import (DTYPES, IGNORE, assert_close_to_fp64, linear_inputs,  # noqa: F401
-                                 poisoned_allocations, random_targets, random_upstream, reference_logprobs,
-                                 segment_inputs)
+from pvfast.objectives.stats import NUM_STATS, segment_stats_reference
+from pvfast.ops import dispatch as ops
 
 CPP_BUILT = ops._cpp_module() is not None
 IMPLS = ["torch", "triton", "auto",
@@ -74,14 +82,14 @@ def test_linear_token_logprobs(impl, dtype_name, weight_grad):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_segment_scores(impl):
+def test_segment_stats(impl):
     n, m, tau = 300, 7, 0.25
     gen = torch.Generator().manual_seed(103)
     logp64 = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
     weights, segment_ids, grad_stats = segment_inputs(n, m, gen)
 
     logp = logp64.float().requires_grad_()
-    stats = ops.segment_scores(logp, weights.float(), segment_ids, m, tau, impl=impl)
+    stats = ops.segment_stats(logp, weights.float(), segment_ids, m, tau, impl=impl)
     (stats * grad_stats.float()).sum().backward()
     ref_in = logp64.clone().requires_grad_()
     ref = segment_stats_reference(ref_in, weights, segment_ids, m, tau)
@@ -93,7 +101,7 @@ def test_segment_scores(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_linear_segment_scores(impl):
+def test_linear_segment_stats(impl):
     n, v, h, m, tau = 41, 1271, 96, 5, 0.2
     hidden, weight, targets, _ = linear_inputs(n, v, h, torch.float32, seed=104)
     weights, segment_ids, grad_stats = segment_inputs(n, m, torch.Generator().manual_seed(105))
@@ -101,7 +109,7 @@ def test_linear_segment_scores(impl):
 
     h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     # int32 targets and segment ids are accepted as well as int64.
-    stats = ops.linear_segment_scores(h_in, w_in, targets.int(), weights.float(), segment_ids.int(), m, tau,
+    stats = ops.linear_segment_stats(h_in, w_in, targets.int(), weights.float(), segment_ids.int(), m, tau,
                                       impl=impl)
     (stats * grad_stats.float()).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -130,7 +138,7 @@ def test_all_ignored_and_unscored(impl):
 
     live_targets = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(107))
     h_in = hidden.clone().requires_grad_()
-    stats = ops.linear_segment_scores(h_in, weight, live_targets, torch.rand(20) + 0.1,
+    stats = ops.linear_segment_stats(h_in, weight, live_targets, torch.rand(20) + 0.1,
                                       torch.full((20,), -1), 2, 0.5, impl=impl)
     (stats * torch.randn(2, NUM_STATS)).sum().backward()
     assert (stats == 0).all() and (h_in.grad == 0).all()
@@ -159,7 +167,7 @@ BACKEND_IMPLS = [i for i in IMPLS if getattr(i, "values", (i,))[0] in ("torch", 
 @pytest.mark.parametrize("impl", BACKEND_IMPLS)
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 def test_frozen_weight_gradient_is_computed_in_the_forward(monkeypatch, impl, dtype_name):
-    """linear_token_logprobs and linear_segment_scores with a frozen weight: one backend call computes
+    """linear_token_logprobs and linear_segment_stats with a frozen weight: one backend call computes
     ℓ and dℓ/dhidden; the gradients still match float64 autograd."""
     dtype = DTYPES[dtype_name]
     n, v, h, m, tau = 41, 1271, 96, 5, 0.2
@@ -172,7 +180,7 @@ def test_frozen_weight_gradient_is_computed_in_the_forward(monkeypatch, impl, dt
     ours = ops.linear_token_logprobs(h_tok, weight, targets, impl=impl)
     ours.backward(upstream.float())
     h_seg = hidden.clone().requires_grad_()
-    stats = ops.linear_segment_scores(h_seg, weight, targets, weights.float(), segment_ids, m, tau, impl=impl)
+    stats = ops.linear_segment_stats(h_seg, weight, targets, weights.float(), segment_ids, m, tau, impl=impl)
     (stats * grad_stats.float()).sum().backward()
     assert log.calls.count("linear_token_logprobs_fwd_with_grad") == 2
     assert "linear_token_logprobs_fwd" not in log.calls and "linear_token_logprobs_bwd" not in log.calls
@@ -301,10 +309,10 @@ def test_bad_inputs_raise_clear_errors():
 
     logp, weights, segment_ids = -torch.rand(4), torch.rand(4), torch.tensor([0, 0, 1, -1])
     with pytest.raises(ValueError, match=r"weights and segment_ids must be \(4,\)"):
-        ops.segment_scores(logp, weights[:3], segment_ids, 2, 0.5)
+        ops.segment_stats(logp, weights[:3], segment_ids, 2, 0.5)
     with pytest.raises(TypeError, match="segment_ids must be int32 or int64"):
-        ops.segment_scores(logp, weights, segment_ids.float(), 2, 0.5)
+        ops.segment_stats(logp, weights, segment_ids.float(), 2, 0.5)
     with pytest.raises(ValueError, match=r"tau must be in \(0, 1\]"):
-        ops.segment_scores(logp, weights, segment_ids, 2, 1.5)
+        ops.segment_stats(logp, weights, segment_ids, 2, 1.5)
     with pytest.raises(ValueError, match=r"weights and segment_ids must be \(4,\)"):
-        ops.linear_segment_scores(hidden, weight, targets, weights, segment_ids[:2], 2, 0.5)
+        ops.linear_segment_stats(hidden, weight, targets, weights, segment_ids[:2], 2, 0.5)

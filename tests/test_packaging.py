@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pvfast.testing import tiny_model_dir
+from pvfast.model.tiny import tiny_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ LOAD_4BIT = """
 import json
 import bitsandbytes as bnb
 import torch
-from pvfast.testing import load_tiny_model, load_tiny_tokenizer
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.testing import load_tiny_model
 model = load_tiny_model("llama", quant="nf4")
 ids = load_tiny_tokenizer("llama")("patient message", return_tensors="pt")["input_ids"]
 with torch.no_grad():

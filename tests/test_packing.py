@@ -8,20 +8,23 @@ import re
 import pytest
 import torch
 
-import pvfast.packing as packing
-from pvfast.packing import (
+import pvfast.packing.tree as packing
+from pvfast.model.forward import (
+    packed_attention_mask,
+    packed_forward,
+    packed_token_logprobs,
+)
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.stats import segment_stats_reference
+from pvfast.packing.tree import (
     CompletionGroup,
     assign_packs,
     build_packed_batch,
     group_tree_tokens,
     pack,
-    packed_attention_mask,
-    packed_forward,
-    packed_token_logprobs,
     tree_mask_mod,
 )
-from pvfast.stats import segment_stats_reference
-from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
+from pvfast.testing import activate_lora, load_tiny_model
 
 VOCAB = 97  # random token ids below this (valid for the tiny models' larger vocabulary)
 
@@ -386,8 +389,8 @@ def _real_text_groups(tokenizer, n: int, seed: int) -> list[CompletionGroup]:
     """Real prompt shape: the instruction through the chat template, a synthetic message, the canonical JSON
     answer as chosen and the answer without its last triple as rejected (both end with the EOS token)."""
     from pvfast.data.jsonfmt import serialize
+    from pvfast.data.prompt import build_prompt
     from pvfast.data.synth import generate_corpus
-    from pvfast.prompt import build_prompt
 
     def ids(text):
         return tokenizer(text, add_special_tokens=False).input_ids

@@ -6,13 +6,28 @@ from collections import Counter
 
 import pytest
 
-from pvfast.codebook import CODES, SUBCODES, code_allowed, codes_for_direction, is_valid_pair, valid_subcodes
+from pvfast.data.codebook import (
+    CODES,
+    SUBCODES,
+    code_allowed,
+    codes_for_direction,
+    is_valid_pair,
+    valid_subcodes,
+)
 from pvfast.data.io import load_preferences, write_examples
 from pvfast.data.jsonfmt import parse_output, serialize
+from pvfast.data.pairs import (
+    ConfusionTable,
+    PairConfig,
+    confusion_tables,
+    make_preference_record,
+    make_preference_records,
+    read_confusion_csv,
+    write_confusion_csv,
+)
 from pvfast.data.records import Annotation, Example
 from pvfast.data.synth import default_corpus
-from pvfast.pairs import (ConfusionTable, PairConfig, confusion_tables, main, make_preference_record,
-                          make_preference_records, read_confusion_csv, write_confusion_csv)
+from pvfast.pairs import main
 
 PP, SDOH, SEB, CCP = "PartnershipPatient", "SDOH", "SocioEmotionalBehaviour", "CareCoordinationPatient"
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from pvfast import prompt
-from pvfast.codebook import CODEBOOK, CODES, NONE_SUBCODE, SUBCODE_PAIRS
+from pvfast.data import prompt
+from pvfast.data.codebook import CODEBOOK, CODES, NONE_SUBCODE, SUBCODE_PAIRS
 from pvfast.data.synth import generate_corpus
 
 # Intended instruction size: about 15 KB (SPEC §1, "about 15 KB of text, roughly 3.5k tokens").

@@ -6,19 +6,26 @@ import dataclasses
 import pytest
 import torch
 
-from pvfast.batching import make_loss_batches, preference_groups
 from pvfast.data.jsonfmt import serialize
+from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import generate_corpus
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.losses import TabpoConfig, stats_from_padded
-from pvfast.packing import group_tree_tokens, packed_forward
-from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.reference import (ReferenceCache, batch_key, frozen_model_stats, lm_head_weight, precompute_reference,
-                              reference_stats)
-from pvfast.testing import activate_lora, load_tiny_model, load_tiny_tokenizer
-from pvfast.tokenization import tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import tokenize_pair_group
+from pvfast.model.forward import lm_head_weight, packed_forward
+from pvfast.model.reference import (
+    ReferenceCache,
+    batch_key,
+    frozen_model_stats,
+    precompute_reference,
+    reference_stats,
+)
+from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.objectives.losses import TabpoConfig, stats_from_padded
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.loss_batch import make_loss_batches, preference_groups
+from pvfast.packing.tree import group_tree_tokens
+from pvfast.testing import activate_lora, load_tiny_model
 
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nTO_PAT_YN: {direction}\n{message}\nOUTPUT:",
                                 source="test template")

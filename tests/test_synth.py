@@ -15,7 +15,8 @@ from collections import Counter
 
 import pytest
 
-from pvfast.codebook import (
+from pvfast.data import io, synth
+from pvfast.data.codebook import (
     CODEBOOK,
     NONE_SUBCODE,
     PUBLISHED_CODE_COUNTS,
@@ -23,7 +24,6 @@ from pvfast.codebook import (
     PUBLISHED_SUBCODE_COUNTS,
     is_valid_pair,
 )
-from pvfast.data import io, synth
 from pvfast.data.phrases import FILLER_SENTENCES, PHRASE_BANKS, SLOT_VALUES
 from pvfast.data.records import Annotation, Example
 

@@ -7,17 +7,17 @@ import os
 import pytest
 import torch
 
-from pvfast.testing import (
+from pvfast.atomic import publish_dir
+from pvfast.model.tiny import (
     ARCHS,
     LORA_TARGETS,
     TinyRecipe,
-    _publish,
     build_model,
     build_tokenizer,
-    load_tiny_model,
     load_tiny_tokenizer,
     tiny_model_dir,
 )
+from pvfast.testing import load_tiny_model
 
 # A cheaper recipe for the tests that must build into a fresh cache directory.
 SMALL_RECIPE = TinyRecipe(seed=7, corpus_size=60, vocab_size=600)
@@ -145,7 +145,7 @@ def test_publish_keeps_the_first_finished_build(tmp_path):
     (final / "model.safetensors").write_text("first")
     late.mkdir()
     (late / "model.safetensors").write_text("second")
-    _publish(late, final)
+    publish_dir(late, final, exists="keep")
     assert not late.exists()
     assert (final / "model.safetensors").read_text() == "first"
 

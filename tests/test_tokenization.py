@@ -6,18 +6,25 @@ import numpy as np
 import pytest
 
 from pvfast.data.jsonfmt import serialize, value_spans
+from pvfast.data.prompt import build_prompt, render_user_prompt
 from pvfast.data.records import Annotation
 from pvfast.data.synth import generate_corpus
-from pvfast.prompt import build_prompt, render_user_prompt
-from pvfast.testing import ARCHS, load_tiny_tokenizer
-from pvfast.tokenization import (
+from pvfast.data.tokenization import (
     _roles_from_offsets,
     diff_masks,
     token_weights,
     tokenize_completion,
     tokenize_pair_group,
 )
-from pvfast.weights import ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE, TokenWeightConfig
+from pvfast.model.tiny import ARCHS, load_tiny_tokenizer
+from pvfast.objectives.weights import (
+    ROLE_CODE,
+    ROLE_PROMPT,
+    ROLE_SCAFFOLD,
+    ROLE_SPAN,
+    ROLE_SUBCODE,
+    TokenWeightConfig,
+)
 
 # Hand-written triples: a span ending in punctuation (its token may swallow the closing quote), one
 # with escaped quotes, one with non-ASCII characters (several byte-level tokens per character).

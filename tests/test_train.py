@@ -1,6 +1,6 @@
-"""``python -m pvfast.train`` end to end on the tiny CPU model: stages, resume, faults.
+"""``python -m pvfast.train.recipe`` end to end on the tiny CPU model: stages, resume, faults.
 
-Most runs call :func:`pvfast.train.main` in-process with small overrides (a short prompt template so a
+Most runs call :func:`pvfast.train.recipe.main` in-process with small overrides (a short prompt template so a
 pack holds many examples, a 20-message synthetic corpus, a few steps); the no-argument run is a real
 subprocess with the bare command a user types.
 """
@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pvfast import train
 from pvfast.data.io import DataError, load_examples
 from pvfast.data.synth import default_corpus, split_corpus
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.testing import tiny_model_dir
+from pvfast.model.tiny import tiny_model_dir
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.train import recipe as train
 
 SYNTHETIC_N = 20
 SHORT_TEMPLATE = "Direction: {direction}\nMessage: {message}"
@@ -224,7 +224,7 @@ def test_po_stage_starts_at_the_sft_model_and_precomputed_reference_gives_the_sa
 
 def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pvfast.train"], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pvfast.train.recipe"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -245,7 +245,7 @@ def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
 
 def test_po_with_nf4_alternates_reference_and_training_passes(sft_run, tmp_path):
     # On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights during eval/no-grad passes; the trainer must
-    # keep them trainable (pvfast.models), or the training pass after the first reference pass fails.
+    # keep them trainable (pvfast.model.loading), or the training pass after the first reference pass fails.
     args = [*_po_args(tmp_path, "po_nf4", sft_run), "--model.quant", "nf4", "--optim.max_steps", "2"]
     assert train.main(args) == 0
     records = read_metrics(tmp_path / "po_nf4")
@@ -253,13 +253,13 @@ def test_po_with_nf4_alternates_reference_and_training_passes(sft_run, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
-# Model loading (pvfast.models)
+# Model loading (pvfast.model.loading)
 # --------------------------------------------------------------------------------------------------
 
 
 def test_model_source_errors_name_the_path(tmp_path):
-    from pvfast.config import ModelConfig
-    from pvfast.models import ModelLoadError, model_source
+    from pvfast.config.stages import ModelConfig
+    from pvfast.model.loading import ModelLoadError, model_source
 
     with pytest.raises(ModelLoadError, match="directory not found"):
         model_source(ModelConfig(name_or_path=str(tmp_path / "missing")))
@@ -272,8 +272,8 @@ def test_model_source_errors_name_the_path(tmp_path):
 def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from pvfast import models
-    from pvfast.config import ModelConfig
+    from pvfast.config.stages import ModelConfig
+    from pvfast.model import loading as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec",
@@ -283,8 +283,8 @@ def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 def test_local_directory_gets_lora_on_every_target_and_a_pad_token():
-    from pvfast.config import ModelConfig
-    from pvfast.models import load_base_model, load_model, load_tokenizer
+    from pvfast.config.stages import ModelConfig
+    from pvfast.model.loading import load_base_model, load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir("llama")), quant="none", lora_r=4,
                       gradient_checkpointing=False)
@@ -310,7 +310,7 @@ def _fake_batches(n: int, scored: int):
 
 
 def test_plan_steps_accumulates_rounds_until_the_token_budget():
-    from pvfast.config import OptimConfig
+    from pvfast.config.stages import OptimConfig
 
     Step = train.Step
     # 4 packs of 100 scored tokens, budget 250: rounds 0-2 reach 300 >= 250, round 3 closes the epoch.
@@ -351,7 +351,7 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
 def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
     # gloo DDP: every rank takes its share of each step's packs; only rank 0 logs and saves.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pvfast.train", "sft", *tiny_args(tmp_path, "ddp", steps=2)]
+           "-m", "pvfast.train.recipe", "sft", *tiny_args(tmp_path, "ddp", steps=2)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -365,8 +365,8 @@ def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
 
 def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path, capsys):
     """A forgotten --run.resume must not delete a long run: refused (exit 2) unless --run.overwrite."""
-    from pvfast.config import RunConfig
-    from pvfast.distributed import setup_distributed
+    from pvfast.config.stages import RunConfig
+    from pvfast.train.distributed import setup_distributed
 
     old = tmp_path / "checkpoints" / "step-000007"
     old.mkdir(parents=True)

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pvfast.codebook import PUBLISHED_N_MESSAGES, PUBLISHED_SUBCODE_COUNTS, NONE_SUBCODE
 from pvfast.data import io
+from pvfast.data.codebook import (
+    NONE_SUBCODE,
+    PUBLISHED_N_MESSAGES,
+    PUBLISHED_SUBCODE_COUNTS,
+)
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.synth import write_corpus
-from pvfast.weights import ROLE_NAMES, TokenWeightConfig
+from pvfast.objectives.weights import ROLE_NAMES, TokenWeightConfig
 
 
 def _common_prefix_length(sequences: list[np.ndarray]) -> int:
@@ -36,9 +40,9 @@ def _common_prefix_length(sequences: list[np.ndarray]) -> int:
 def run_demo(n: int = PUBLISHED_N_MESSAGES, seed: int = 0, out: Path | None = None, arch: str = "qwen2",
              sample: int = 200) -> dict:
     """Run the pipeline and return its statistics (also printed)."""
-    from pvfast.prompt import build_prompt
-    from pvfast.testing import load_tiny_tokenizer
-    from pvfast.tokenization import token_weights, tokenize_completion
+    from pvfast.data.prompt import build_prompt
+    from pvfast.data.tokenization import token_weights, tokenize_completion
+    from pvfast.model.tiny import load_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(out) if out is not None else Path(tmp)

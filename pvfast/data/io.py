@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pvfast.codebook import (
+from pvfast.data.codebook import (
     CODES,
     DIRECTIONS,
     NONE_SUBCODE,

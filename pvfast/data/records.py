@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pvfast.codebook import DIRECTIONS
+from pvfast.data.codebook import DIRECTIONS
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvfast.codebook import (
+from pvfast.data.codebook import (
     ANNOTATION_PAIRS,
     CODEBOOK,
     DIRECTIONS,

@@ -2,7 +2,7 @@
 
 The reference is the SFT model. Under LoRA it is the same network with the adapters disabled (torchtune's
 LoRA-DPO recipe does the same), so no second copy of the weights is held. Its (M, 7) per-completion
-statistics come from the same tree-packed row (:func:`pvfast.packing.packed_forward`) and the same fused
+statistics come from the same tree-packed row (:func:`pvfast.model.forward.packed_forward`) and the same fused
 op (:meth:`FusedTokenPOLoss.statistics`, hence the same token weights and gate threshold) as the policy's,
 under ``torch.no_grad`` and in eval mode (no dropout).
 
@@ -30,23 +30,13 @@ from pathlib import Path
 
 import torch
 
-from pvfast.batching import LossBatch
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.packing import packed_forward
+from pvfast.model.forward import lm_head_weight, packed_forward
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.packing.loss_batch import LossBatch
 
 CACHE_FORMAT = "pvfast-reference-v1"
 _HASHED_FIELDS = ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets",
                   "score_segments", "score_weights")  # everything the statistics of a row depend on
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """(V, H) output projection of a causal LM (peft-wrapped or not); the fused op takes no bias."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); pass a *ForCausalLM")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which the fused scoring op does not take")
-    return head.weight
 
 
 @contextlib.contextmanager
@@ -64,7 +54,7 @@ def _eval_mode(model):
 def frozen_model_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attention_mask=None) -> torch.Tensor:
     """(M, 7) statistics of ``model`` as it is (no grad, eval mode) on ``batch``.
 
-    ``attention_mask``: the mask of :func:`pvfast.packing.packed_attention_mask` to reuse (the policy pass
+    ``attention_mask``: the mask of :func:`pvfast.model.forward.packed_attention_mask` to reuse (the policy pass
     of the same row builds the same one).
     """
     with torch.no_grad(), _eval_mode(model):

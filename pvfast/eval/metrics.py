@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Iterable, NamedTuple, Sequence
 
-from pvfast.codebook import CODES, NONE_SUBCODE, SUBCODES
+from pvfast.data.codebook import CODES, NONE_SUBCODE, SUBCODES
 from pvfast.data.jsonfmt import ParseResult
 from pvfast.data.records import Annotation
 

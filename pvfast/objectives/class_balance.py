@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from pvfast.codebook import NONE_SUBCODE
+from pvfast.data.codebook import NONE_SUBCODE
 from pvfast.data.records import Annotation, Example, PreferenceRecord
 
 LEVELS = ("code", "subcode")
@@ -146,7 +146,9 @@ def attach_class_balance(
     JSON), and a chosen completion that does not parse cleanly is an error.
     """
     if annotations is None:
-        from pvfast.data.jsonfmt import parse_output  # local: only this path needs the parser
+        from pvfast.data.jsonfmt import (
+            parse_output,  # local: only this path needs the parser
+        )
 
         annotations = []
         for record in records:

@@ -2,17 +2,17 @@
 
     token_logprobs(logits (N,V), targets (N,))                                   -> ℓ (N,) fp32
     linear_token_logprobs(hidden (N,H), weight (V,H), targets (N,))              -> ℓ (N,) fp32
-    segment_scores(logp (N,), weights (N,), segment_ids (N,), M, tau)            -> stats (M,7) fp32
-    linear_segment_scores(hidden, weight, targets, weights, segment_ids, M, tau) -> stats (M,7) fp32
+    segment_stats(logp (N,), weights (N,), segment_ids (N,), M, tau)            -> stats (M,7) fp32
+    linear_segment_stats(hidden, weight, targets, weights, segment_ids, M, tau) -> stats (M,7) fp32
 
 ℓ_t = log softmax(logits_t)[y_t], 0 for targets equal to ``ignore_index``; the stats columns are those
-of :mod:`pvfast.stats` (tokens with segment id −1 are not scored; a scored token whose target is ignored
+of :mod:`pvfast.objectives.stats` (tokens with segment id −1 are not scored; a scored token whose target is ignored
 counts with ℓ = 0, so give such tokens segment id −1).
 
 ``impl`` picks the backend:
   * ``"triton"``: the kernels in ``pvfast.kernels`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
-    ``linear_segment_scores`` reduces the stats inside the linear kernel (fused epilogue).
-  * ``"cpp"``: the compiled CPU extension ``pvfast._C`` (loaded by ``pvfast._cpp``).
+    ``linear_segment_stats`` reduces the stats inside the linear kernel (fused epilogue).
+  * ``"cpp"``: the compiled CPU extension ``pvfast._C`` (loaded by ``pvfast.ops.cpp_backend``).
   * ``"torch"``: the chunked PyTorch reference below (works everywhere; memory bounded by the chunk).
   * ``"auto"``: CUDA → triton; CPU → cpp if built, else triton under the interpreter, else torch.
 """
@@ -22,11 +22,18 @@ from __future__ import annotations
 import torch
 
 from pvfast.kernels import interpreting
-from pvfast.kernels.linear_token_logprobs import (LinearSegmentScoresFunction, LinearTokenLogprobsFunction,
-                                                  check_linear_inputs)
-from pvfast.kernels.segment_scores import SegmentScoresFunction, check_segment_inputs, check_segment_vectors
+from pvfast.kernels.linear_token_logprobs import (
+    LinearSegmentStatsFunction,
+    LinearTokenLogprobsFunction,
+    check_linear_inputs,
+)
+from pvfast.kernels.segment_stats import (
+    SegmentStatsFunction,
+    check_segment_inputs,
+    check_segment_vectors,
+)
 from pvfast.kernels.token_logprobs import TokenLogprobsFunction, check_logits_targets
-from pvfast.stats import NUM_STATS, log_tau
+from pvfast.objectives.stats import NUM_STATS, log_tau
 
 IMPLS = ("auto", "triton", "cpp", "torch")
 IGNORE_INDEX = -100
@@ -129,7 +136,7 @@ class TorchBackend:
 
     @staticmethod
     def segment_stats_fwd(logp, weights, segment_ids, num_segments: int, log_tau: float):
-        # Same layout as pvfast.stats.segment_stats_reference, gated on log τ directly.
+        # Same layout as pvfast.objectives.stats.segment_stats_reference, gated on log τ directly.
         seg = segment_ids.long()
         scored = seg >= 0
         lp, w = logp.float()[scored], weights.float()[scored]
@@ -153,11 +160,11 @@ class TorchBackend:
 # Backend selection
 # ----------------------------------------------------------------------------------------------------
 def _cpp_module():
-    """The compiled extension, or None (pvfast._cpp warns once when it cannot be loaded)."""
+    """The compiled extension, or None (pvfast.ops.cpp_backend warns once when it cannot be loaded)."""
     try:
-        from pvfast._cpp import cpp_ops
+        from pvfast.ops.cpp_backend import cpp_ops
     except ModuleNotFoundError as err:
-        if err.name != "pvfast._cpp":
+        if err.name != "pvfast.ops.cpp_backend":
             raise
         return None
     return cpp_ops()
@@ -252,7 +259,7 @@ class _BackendLinearTokenLogprobs(torch.autograd.Function):
         return None, grad_hidden, grad_weight, None, None, None
 
 
-class _BackendSegmentScores(torch.autograd.Function):
+class _BackendSegmentStats(torch.autograd.Function):
     """logp (N,), weights (N,), segment_ids (N,) → stats (M, 7) fp32; backward is a gather."""
 
     @staticmethod
@@ -270,7 +277,7 @@ class _BackendSegmentScores(torch.autograd.Function):
         return None, grad_logp.to(logp.dtype), None, None, None, None
 
 
-class _BackendLinearSegmentScores(torch.autograd.Function):
+class _BackendLinearSegmentStats(torch.autograd.Function):
     """hidden (N, H), weight (V, H), targets, weights, segment_ids (N,) → stats (M, 7) fp32.
 
     Two backend calls (log-probs, then sums); the backward chains the gather and the linear backward
@@ -340,42 +347,42 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                              _grad_in_forward(hidden, weight))
 
 
-def segment_scores(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
+def segment_stats(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
                    tau: float, *, impl: str = "auto") -> torch.Tensor:
     """Per-completion sums (M, 7) fp32 of ℓ (N,) with token weights (N,) and segment ids (N,) in [-1, M).
 
-    Columns as in :data:`pvfast.stats.STAT_FIELDS`; differentiable in ``logp`` only.
+    Columns as in :data:`pvfast.objectives.stats.STAT_FIELDS`; differentiable in ``logp`` only.
     """
     check_segment_inputs(logp, weights, segment_ids, num_segments)
     lt = log_tau(tau)
-    impl = _resolve_impl(impl, logp.device, "segment_scores")
+    impl = _resolve_impl(impl, logp.device, "segment_stats")
     if impl == "triton":
-        return SegmentScoresFunction.apply(logp, weights, segment_ids, num_segments, tau)
-    return _BackendSegmentScores.apply(_backend(impl), logp.float().contiguous(), weights.float().contiguous(),
+        return SegmentStatsFunction.apply(logp, weights, segment_ids, num_segments, tau)
+    return _BackendSegmentStats.apply(_backend(impl), logp.float().contiguous(), weights.float().contiguous(),
                                        segment_ids.long().contiguous(), num_segments, lt)
 
 
-def linear_segment_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def linear_segment_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           weights: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, tau: float, *,
                           ignore_index: int = IGNORE_INDEX, impl: str = "auto") -> torch.Tensor:
-    """segment_scores(linear_token_logprobs(hidden, weight, targets), weights, segment_ids, M, tau), fused.
+    """segment_stats(linear_token_logprobs(hidden, weight, targets), weights, segment_ids, M, tau), fused.
 
     hidden (N, H), weight (V, H), targets/weights/segment_ids (N,) → stats (M, 7) fp32. Gradient of
     ``hidden`` computed in the forward when ``weight`` is frozen, as in :func:`linear_token_logprobs`.
     """
     check_linear_inputs(hidden, weight, targets)
     check_segment_vectors(targets.shape[0], targets.device, weights, segment_ids, num_segments,
-                          "linear_segment_scores")
+                          "linear_segment_stats")
     lt = log_tau(tau)
-    impl = _resolve_impl(impl, hidden.device, "linear_segment_scores")
+    impl = _resolve_impl(impl, hidden.device, "linear_segment_stats")
     if impl == "triton":
-        return LinearSegmentScoresFunction.apply(hidden, weight, targets, weights, segment_ids, num_segments,
+        return LinearSegmentStatsFunction.apply(hidden, weight, targets, weights, segment_ids, num_segments,
                                                  tau, ignore_index)
-    return _BackendLinearSegmentScores.apply(
+    return _BackendLinearSegmentStats.apply(
         _backend(impl), hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
         weights.float().contiguous(), segment_ids.long().contiguous(), num_segments, lt, ignore_index,
         _grad_in_forward(hidden, weight))
 
 
-__all__ = ["IMPLS", "NUM_STATS", "TorchBackend", "linear_segment_scores", "linear_token_logprobs",
-           "segment_scores", "token_logprobs"]
+__all__ = ["IMPLS", "NUM_STATS", "TorchBackend", "linear_segment_stats", "linear_token_logprobs",
+           "segment_stats", "token_logprobs"]

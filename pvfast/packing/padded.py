@@ -1,6 +1,6 @@
 """Padded (unshared) batches of preference pairs, for using pvfast's loss inside other trainers.
 
-pvfast's own trainer packs prompts as a tree (``pvfast.packing``). Other trainers usually feed padded
+pvfast's own trainer packs prompts as a tree (``pvfast.packing.tree``). Other trainers usually feed padded
 rows; this collator lays tokenized pair groups out that way, one row per completion:
 
     row 0: prompt | chosen (weights of pair 1)      row 1: prompt | rejected 1
@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from pvfast.losses import PairIndex
-from pvfast.tokenization import TokenizedPairGroup
+from pvfast.data.tokenization import TokenizedPairGroup
+from pvfast.objectives.losses import PairIndex
 
 IGNORE_INDEX = -100
 

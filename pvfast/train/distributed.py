@@ -1,7 +1,7 @@
 """More than one process: PyTorch DDP under ``torchrun`` (NCCL on GPUs, gloo on the CPU).
 
-    torchrun --nproc_per_node 8 -m pvfast.train po ...        # one process per GPU, NCCL
-    torchrun --nproc_per_node 2 -m pvfast.train --device cpu  # two CPU processes, gloo
+    torchrun --nproc_per_node 8 -m pvfast.train.recipe po ...        # one process per GPU, NCCL
+    torchrun --nproc_per_node 2 -m pvfast.train.recipe --device cpu  # two CPU processes, gloo
 
 Every rank loads the same base model and the same LoRA init (seeded), builds the same packs in the same
 order, and takes its own share of them (:func:`shard`). After each backward DDP averages the adapter
@@ -13,7 +13,7 @@ How a step goes through DDP
 DDP averages gradients only for a backward whose graph was built by a call of the *DDP wrapper* (its
 forward arms the gradient hooks). pvfast's packed forward runs the decoder directly, which would bypass the
 wrapper and leave every rank with its own gradient, silently. So :func:`wrap_model` wraps the model in
-:class:`PackedDecoder` (an ``nn.Module`` whose forward is :func:`pvfast.packing.packed_forward`) and DDP wraps
+:class:`PackedDecoder` (an ``nn.Module`` whose forward is :func:`pvfast.model.forward.packed_forward`) and DDP wraps
 that; :func:`packed_hidden` is the one call the trainer makes for the policy pass, wrapped or not::
 
     ctx = setup_distributed()                       # world_size 1 without torchrun
@@ -47,7 +47,7 @@ FSDP for models that do not fit one GPU — documented, NOT implemented
 --------------------------------------------------------------------
 DDP keeps a whole copy of the model on every GPU. For Llama-3.3-70B in 4-bit (~35 GB of weights plus
 activations at a 16k token budget) that is too much for one 80 GB card in training; the path is FSDP, and
-pvfast does not implement it yet (``pvfast.train`` refuses nothing here: it simply has no FSDP option).
+pvfast does not implement it yet (``pvfast.train.recipe`` refuses nothing here: it simply has no FSDP option).
 What it would take:
 
 1. QLoRA weights FSDP can shard: load with ``BitsAndBytesConfig(load_in_4bit=True,
@@ -78,7 +78,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pvfast.packing import PackedBatch, packed_forward
+from pvfast.model.forward import packed_forward
+from pvfast.packing.tree import PackedBatch
 
 DEVICE_PREFS = ("auto", "cuda", "cpu")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -177,7 +178,7 @@ def shard(items: Sequence, ctx: DistContext) -> list:
 class PackedDecoder(nn.Module):
     """The module DDP wraps: ``forward(batch, attention_mask) -> (L, H)`` last hidden states.
 
-    Its forward is :func:`pvfast.packing.packed_forward` on ``self.model`` (a causal LM, peft-wrapped or
+    Its forward is :func:`pvfast.model.forward.packed_forward` on ``self.model`` (a causal LM, peft-wrapped or
     not), so the packed policy pass goes through DDP's forward and its gradients are all-reduced.
     """
 
@@ -224,7 +225,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def packed_hidden(model: nn.Module, batch: PackedBatch, attention_mask=None) -> torch.Tensor:
     """(L, H) last hidden states of the policy on one packed row, through DDP when ``model`` is wrapped.
 
-    Use this, not :func:`pvfast.packing.packed_forward` on the inner model, for every pass whose loss is
+    Use this, not :func:`pvfast.model.forward.packed_forward` on the inner model, for every pass whose loss is
     backpropagated: only a forward through the wrapper makes the backward all-reduce the gradients.
     """
     from torch.nn.parallel import DistributedDataParallel

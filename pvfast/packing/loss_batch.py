@@ -25,7 +25,7 @@ class-balance weight c_i for each of its k pairs.
 
 SFT: one group per example, one completion (the canonical JSON of the gold annotations plus the
 end-of-turn token), role weights without the diff factor; ``pairs`` is None and ``example_weights`` hold
-one weight per completion (``pvfast.losses.compute_objective("sft", ...)`` reads them that way).
+one weight per completion (``pvfast.objectives.losses.compute_objective("sft", ...)`` reads them that way).
 
 Over-long groups
 ----------------
@@ -40,7 +40,7 @@ is not trained to stop on that record.
 Epoch order: packs are built once, deterministically; :func:`epoch_order` shuffles pack indices per epoch
 as a pure function of (seed, epoch), so a run resumes at (epoch, cursor) with ``epoch_order(...)[cursor:]``.
 
-Usage (a training step; ``pvfast.reference`` holds the reference side)::
+Usage (a training step; ``pvfast.model.reference`` holds the reference side)::
 
     groups = preference_groups(records, tokenizer, TokenWeightConfig(), token_budget=16384)
     batches = make_loss_batches(groups, 16384, "po")
@@ -63,13 +63,17 @@ import numpy as np
 import torch
 
 from pvfast.data.jsonfmt import serialize
+from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import Example, PreferenceRecord
-from pvfast.fused_loss import ScoringRows
-from pvfast.losses import PairIndex
-from pvfast.packing import CompletionGroup, PackedBatch, group_tree_tokens, pack
-from pvfast.prompt import PromptTemplate, build_prompt
-from pvfast.tokenization import token_weights, tokenize_completion, tokenize_pair_group
-from pvfast.weights import TokenWeightConfig
+from pvfast.data.tokenization import (
+    token_weights,
+    tokenize_completion,
+    tokenize_pair_group,
+)
+from pvfast.objectives.fused_loss import ScoringRows
+from pvfast.objectives.losses import PairIndex
+from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.packing.tree import CompletionGroup, PackedBatch, group_tree_tokens, pack
 
 KINDS = ("po", "sft")  # preference optimization (chosen/rejected pairs) | supervised fine-tuning
 
@@ -311,7 +315,7 @@ def make_loss_batches(
 ) -> list[LossBatch]:
     """Pack ``groups`` into rows of at most ``token_budget`` tokens and attach pairs and example weights.
 
-    Packing is :func:`pvfast.packing.pack` (first-fit-decreasing on marginal trie cost): deterministic,
+    Packing is :func:`pvfast.packing.tree.pack` (first-fit-decreasing on marginal trie cost): deterministic,
     each row lists its groups in input order. kind "po" expects groups from :func:`preference_groups`
     (or any groups laid out [chosen, rejected] per pair), "sft" from :func:`sft_groups`.
     """

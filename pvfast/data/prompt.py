@@ -1,6 +1,6 @@
 """The instruction prompt: pvfast's own PV-Miner instruction text and the per-example user prompt.
 
-Layout of a user prompt (default template, ``pvfast/templates/pvminer_user.txt``)::
+Layout of a user prompt (default template, ``pvfast/data/templates/pvminer_user.txt``)::
 
     <instruction: role, output rules, direction rules, codebook, disambiguation>   identical for all
                                                                                   examples (~15 KB)
@@ -14,7 +14,7 @@ The instruction comes first and is byte-identical for every example, so every pr
 one long prefix; only the direction line and the message follow it. Later speed work (prefix sharing,
 KV reuse) depends on that, and the tests check it.
 
-The codebook part is generated from :data:`pvfast.codebook.CODEBOOK`: every code and sub-code has a
+The codebook part is generated from :data:`pvfast.data.codebook.CODEBOOK`: every code and sub-code has a
 definition here, keyed by label, and the module refuses to import if one is missing or stale.
 
 A user can supply their own template file: ``{direction}`` and ``{message}`` are required slots,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pvfast.codebook import (
+from pvfast.data.codebook import (
     CODEBOOK,
     CODES,
     CODES_BY_DIRECTION,
@@ -390,9 +390,9 @@ class PromptTemplate:
 
 @functools.lru_cache(maxsize=1)
 def _default_template() -> PromptTemplate:
-    resource = resources.files("pvfast") / "templates" / DEFAULT_TEMPLATE_FILE
+    resource = resources.files("pvfast.data") / "templates" / DEFAULT_TEMPLATE_FILE
     return PromptTemplate(text=_drop_final_newline(resource.read_text(encoding="utf-8")),
-                          source=f"pvfast/templates/{DEFAULT_TEMPLATE_FILE}")
+                          source=f"pvfast/data/templates/{DEFAULT_TEMPLATE_FILE}")
 
 
 def _drop_final_newline(text: str) -> str:

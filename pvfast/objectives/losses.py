@@ -1,7 +1,7 @@
 """Exact PyTorch objectives (SPEC §3): TAB-PO and its baselines, on per-completion statistics.
 
 This module is the oracle every fast path is tested against. Every objective reads only the (M, 7)
-per-completion sums of :mod:`pvfast.stats` (what the fused kernels produce), so the per-token work lives
+per-completion sums of :mod:`pvfast.objectives.stats` (what the fused kernels produce), so the per-token work lives
 in one place and the losses are a few vector operations over completions and pairs.
 
 Batch layout::
@@ -45,10 +45,21 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from pvfast.class_balance import ClassBalanceConfig
-from pvfast.stats import (COUNT, GATED_COUNT, GATED_WEIGHT_SUM, GATED_WNLL_SUM, LOGP_SUM, NUM_STATS,
-                          STAT_FIELDS, WEIGHT_SUM, WLOGP_SUM, log_tau, segment_stats_reference)
-from pvfast.weights import TokenWeightConfig
+from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.stats import (
+    COUNT,
+    GATED_COUNT,
+    GATED_WEIGHT_SUM,
+    GATED_WNLL_SUM,
+    LOGP_SUM,
+    NUM_STATS,
+    STAT_FIELDS,
+    WEIGHT_SUM,
+    WLOGP_SUM,
+    log_tau,
+    segment_stats_reference,
+)
+from pvfast.objectives.weights import TokenWeightConfig
 
 SCORES = ("sum", "mean", "weighted_mean")
 
@@ -65,7 +76,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CompletionStats:
-    """Named view over the (M, NUM_STATS) per-completion statistics of :mod:`pvfast.stats`.
+    """Named view over the (M, NUM_STATS) per-completion statistics of :mod:`pvfast.objectives.stats`.
 
     Every accessor is an (M,) column view of ``tensor``, so gradients flow back into it.
     """
@@ -156,7 +167,7 @@ def stats_from_padded(
         mask: (B, T) bool, True where a token is scored.
         tau: confidence threshold of the gate (the objective config's ``tau``).
     Returns:
-        (B, NUM_STATS) statistics, row b for completion b (see :func:`pvfast.stats.segment_stats_reference`).
+        (B, NUM_STATS) statistics, row b for completion b (see :func:`pvfast.objectives.stats.segment_stats_reference`).
     """
     if logp.dim() != 2:
         raise ValueError(f"logp: expected shape (B, T), got {tuple(logp.shape)}")

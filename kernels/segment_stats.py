@@ -1,7 +1,7 @@
 """Per-completion statistics from per-token log-probs (the fused epilogue), forward and backward.
 
-The sums follow the contract of :mod:`pvfast.stats` (columns in ``STAT_FIELDS`` order), and
-``pvfast.stats.segment_stats_reference`` is the oracle. The epilogue is a ``@triton.jit`` helper,
+The sums follow the contract of :mod:`pvfast.objectives.stats` (columns in ``STAT_FIELDS`` order), and
+``pvfast.objectives.stats.segment_stats_reference`` is the oracle. The epilogue is a ``@triton.jit`` helper,
 :func:`_accumulate_segment_stats`, so the fused linear kernel (``linear_token_logprobs.py``) calls it
 right after its vocabulary sweep while ℓ_t is still in registers; the standalone kernel here calls the
 same helper on ℓ_t read from memory.
@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pvfast.stats import NUM_STATS, log_tau as _log_tau
+from pvfast.objectives.stats import NUM_STATS
+from pvfast.objectives.stats import log_tau as _log_tau
 
 # One program reduces this many tokens: the kernels are memory-bound and tiny (N ≤ ~64k tokens), so a
 # large block keeps the launch to a handful of programs.
@@ -40,7 +41,7 @@ def _accumulate_segment_stats(Stats_ptr, logp, weight, seg, scored, log_tau, NUM
 
 
 @triton.jit
-def _segment_scores_fwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, Stats_ptr, N, log_tau,
+def _segment_stats_fwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, Stats_ptr, N, log_tau,
                                NUM_COLS: tl.constexpr, BLOCK: tl.constexpr):
     # stats[m, :] = Σ_{t: seg_t = m} (ℓ_t, w_t ℓ_t, w_t, 1, −w_t g_t ℓ_t, w_t g_t, g_t)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -52,7 +53,7 @@ def _segment_scores_fwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, Stats_ptr, N, log_
 
 
 @triton.jit
-def _segment_scores_bwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, GradStats_ptr, GradLogp_ptr, N, log_tau,
+def _segment_stats_bwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, GradStats_ptr, GradLogp_ptr, N, log_tau,
                                NUM_COLS: tl.constexpr, BLOCK: tl.constexpr):
     # Only columns 0, 1 and 4 depend on ℓ_t (the gate carries no gradient), so for m = seg_t:
     #   dL/dℓ_t = G[m, 0] + w_t G[m, 1] − w_t g_t G[m, 4]      (0 for unscored tokens)
@@ -92,12 +93,12 @@ def check_segment_inputs(logp: torch.Tensor, weights: torch.Tensor, segment_ids:
                          num_segments: int) -> None:
     """Shape/dtype/device checks of the standalone segment statistics."""
     if logp.dim() != 1 or not logp.is_floating_point():
-        raise ValueError(f"segment_scores: logp must be a 1-D float tensor, got {logp.dtype} "
+        raise ValueError(f"segment_stats: logp must be a 1-D float tensor, got {logp.dtype} "
                          f"of shape {tuple(logp.shape)}")
-    check_segment_vectors(logp.shape[0], logp.device, weights, segment_ids, num_segments, "segment_scores")
+    check_segment_vectors(logp.shape[0], logp.device, weights, segment_ids, num_segments, "segment_stats")
 
 
-def segment_scores_forward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
+def segment_stats_forward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
                            num_segments: int, log_tau: float) -> torch.Tensor:
     """(N,) ℓ_t, w_t, seg_t → (M, 7) fp32 sums. Segment ids must lie in [-1, M)."""
     check_segment_inputs(logp, weights, segment_ids, num_segments)
@@ -107,13 +108,13 @@ def segment_scores_forward(logp: torch.Tensor, weights: torch.Tensor, segment_id
     n = logp.numel()
     stats = torch.zeros(num_segments, NUM_STATS, dtype=torch.float32, device=logp.device)  # atomics add into it
     if n and num_segments:
-        _segment_scores_fwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
+        _segment_stats_fwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
             Logp_ptr=logp, Weight_ptr=weights, Seg_ptr=segment_ids, Stats_ptr=stats, N=n,
             log_tau=float(log_tau), NUM_COLS=NUM_STATS, BLOCK=SEGMENT_BLOCK)
     return stats
 
 
-def segment_scores_backward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
+def segment_stats_backward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
                             grad_stats: torch.Tensor, log_tau: float) -> torch.Tensor:
     """Upstream dL/dstats (M, 7) → dL/dℓ (N,) fp32."""
     logp = logp.float().contiguous()
@@ -123,13 +124,13 @@ def segment_scores_backward(logp: torch.Tensor, weights: torch.Tensor, segment_i
     n = logp.numel()
     grad_logp = torch.empty(n, dtype=torch.float32, device=logp.device)
     if n:
-        _segment_scores_bwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
+        _segment_stats_bwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
             Logp_ptr=logp, Weight_ptr=weights, Seg_ptr=segment_ids, GradStats_ptr=grad_stats,
             GradLogp_ptr=grad_logp, N=n, log_tau=float(log_tau), NUM_COLS=NUM_STATS, BLOCK=SEGMENT_BLOCK)
     return grad_logp
 
 
-class SegmentScoresFunction(torch.autograd.Function):
+class SegmentStatsFunction(torch.autograd.Function):
     """stats (M, 7) fp32 = segment sums of logp (N,) with weights (N,) and segment_ids (N,).
 
     The backward is a gather (no recomputation): dL/dℓ_t from the three differentiable columns.
@@ -139,7 +140,7 @@ class SegmentScoresFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, weights, segment_ids, num_segments: int, tau: float):
         lt = _log_tau(tau)
-        stats = segment_scores_forward(logp, weights, segment_ids, num_segments, lt)
+        stats = segment_stats_forward(logp, weights, segment_ids, num_segments, lt)
         ctx.save_for_backward(logp, weights, segment_ids)
         ctx.log_tau = lt
         return stats
@@ -147,5 +148,5 @@ class SegmentScoresFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_stats):
         logp, weights, segment_ids = ctx.saved_tensors
-        grad_logp = segment_scores_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
+        grad_logp = segment_stats_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
         return grad_logp.to(logp.dtype), None, None, None, None

@@ -2,7 +2,7 @@
 
 :func:`generate_completions` runs a causal LM greedily over examples in batches:
 
-- Prompt: :func:`pvfast.prompt.build_prompt` (the model's chat template with the generation prompt), then
+- Prompt: :func:`pvfast.data.prompt.build_prompt` (the model's chat template with the generation prompt), then
   tokenized with ``add_special_tokens=False`` because chat templates write BOS and turn markers themselves
   (adding them again would double BOS on Llama 3).
 - Batching: prompts are sorted by token length (less padding; a stable sort, so the order is
@@ -18,8 +18,7 @@
 - Decoding: only the new tokens, cut at the first stop id, special tokens skipped.
 - The model runs in eval mode under ``torch.inference_mode``; its previous train/eval mode is restored.
 
-Prediction files are JSONL with one ``{"id": ..., "output": ...}`` object per line
-(:func:`write_predictions`, :func:`read_predictions`).
+Prediction files (``{"id", "output"}`` JSONL) are read and written by :mod:`pvfast.data.predictions`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from typing import Sequence
 
 import torch
 
-from pvfast.data.io import DataError, Problem, read_jsonl, write_jsonl
 from pvfast.data.jsonfmt import STOP_TEXT
 from pvfast.data.records import Example
 
@@ -117,7 +115,7 @@ def generate_completions(
     stop_text: str = STOP_TEXT,
 ) -> list[str]:
     """Greedy completions, one per example, in the order of ``examples`` (see the module docstring)."""
-    from pvfast.prompt import build_prompt
+    from pvfast.data.prompt import build_prompt
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -203,74 +201,11 @@ def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.Pa
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------
-# Prediction files
-# ----------------------------------------------------------------------------------------------------
-
 def add_generation_arguments(parser) -> None:
-    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.pairs``."""
-    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.prompt.PromptTemplate)")
+    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.data.pairs``."""
+    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.data.prompt.PromptTemplate)")
     parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
-
-
-def write_predictions(path: str | os.PathLike, ids: Sequence[str], outputs: Sequence[str]) -> Path:
-    """Write ``{"id", "output"}`` JSONL (atomically)."""
-    if len(ids) != len(outputs):
-        raise ValueError(f"write_predictions: {len(ids)} ids but {len(outputs)} outputs")
-    return write_jsonl(path, ({"id": i, "output": o} for i, o in zip(ids, outputs)))
-
-
-def read_predictions(path: str | os.PathLike) -> dict[str, str]:
-    """Read a predictions JSONL file into ``{id: output}``; every bad line is a :class:`DataError` problem."""
-    shown = os.fspath(path)
-    rows, problems = read_jsonl(path)  # the data layer's reader: UTF-8, JSON and object checks per line
-    outputs: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for number, row in rows:
-        record_id, output = row.get("id"), row.get("output")
-        if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-            problems.append(Problem(shown, number, "id", "missing, or not a string"))
-            continue
-        if not isinstance(output, str):
-            problems.append(Problem(shown, number, "output", "missing, or not a string"))
-            continue
-        record_id = str(record_id)
-        if record_id in first_line:
-            problems.append(Problem(shown, number, "id",
-                                    f"duplicate id {record_id!r} (first on line {first_line[record_id]})"))
-            continue
-        first_line[record_id] = number
-        outputs[record_id] = output
-    if problems:
-        raise DataError(sorted(problems, key=lambda p: p.line or 0))
-    if not outputs:
-        raise DataError([Problem(shown, None, None, "file is empty (no predictions)")])
-    return outputs
-
-
-def align_predictions(examples: Sequence[Example], outputs: dict[str, str], *, predictions_path: str,
-                      data_path: str) -> list[str]:
-    """Outputs in the order of ``examples``; refuses ids missing on either side (names both files)."""
-    data_ids = [ex.id for ex in examples]
-    missing = [i for i in data_ids if i not in outputs]
-    data_id_set = set(data_ids)
-    unknown = [i for i in outputs if i not in data_id_set]
-    problems = []
-    if missing:
-        problems.append(Problem(predictions_path, None, "id",
-                                f"{len(missing)} id(s) of {data_path} have no prediction: {_some(missing)}"))
-    if unknown:
-        problems.append(Problem(predictions_path, None, "id",
-                                f"{len(unknown)} predicted id(s) are not in {data_path}: {_some(unknown)}"))
-    if problems:
-        raise DataError(problems)
-    return [outputs[i] for i in data_ids]
-
-
-def _some(ids: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")

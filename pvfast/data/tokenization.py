@@ -49,7 +49,7 @@ from typing import Sequence
 import numpy as np
 
 from pvfast.data.jsonfmt import value_spans
-from pvfast.weights import (
+from pvfast.objectives.weights import (
     ROLE_BY_NAME,
     ROLE_CODE,
     ROLE_PROMPT,

@@ -43,9 +43,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pvfast import atomic
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 MANIFEST_NAME = "COMPLETE"
@@ -69,8 +68,6 @@ FORMAT_NAME = "pvfast-checkpoint"
 FORMAT_VERSION = 1
 
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"  # a save in progress (or killed mid-way)
-_TRASH_PREFIX = ".trash-"  # a checkpoint being deleted (or whose deletion was killed mid-way)
 _HASH_CHUNK_BYTES = 1 << 20
 
 # Files that make up a Hugging Face tokenizer; merge_adapter copies the tokenizer when any is present.
@@ -178,25 +175,6 @@ def _as_python_random_state(saved) -> tuple:
 
 # --------------------------------------------------------------------------------------------------
 # Durable file writing
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or (on POSIX) a directory, so its contents or entries survive a power loss."""
-    if path.is_dir() and os.name != "posix":
-        return  # directories cannot be opened for fsync on Windows
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (for files written by other libraries)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -343,34 +321,12 @@ def _unwrap_peft_model(model: torch.nn.Module):
     return model
 
 
-def _discard(path: Path) -> None:
-    """Delete a directory that is no longer (or never became) a checkpoint."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint: rename it out of the ``step-*`` namespace first (atomic), then remove it.
-
-    A crash during the rmtree leaves a hidden ``.trash-*`` directory, never a half-deleted ``step-*``.
-    """
-    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(path, trash)
-    _discard(trash)
-
-
-def _remove_leftovers(root: Path) -> None:
-    """Remove temp/trash directories left by a save or a rotation that was killed (single writer)."""
-    for entry in root.iterdir():
-        if entry.is_dir() and entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-            _discard(entry)
-
-
 def _write_checkpoint_files(
     tmp: Path, state: TrainState, model, optimizer, scheduler, config: dict, rng_states: list[dict]
 ) -> None:
     """Write every checkpoint file but the manifest into ``tmp``, fsynced."""
     model.save_pretrained(tmp / ADAPTER_SUBDIR, safe_serialization=True)
-    _fsync_tree(tmp / ADAPTER_SUBDIR)
+    atomic.fsync_tree(tmp / ADAPTER_SUBDIR)
     _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler is not None:
         _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -386,21 +342,6 @@ def _write_manifest(tmp: Path, step: int) -> None:
         files[rel] = {"bytes": file_path.stat().st_size, "sha256": _sha256(file_path)}
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step, "files": files}
     _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2))
-    _fsync_path(tmp)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished temp directory to ``final``, replacing an existing checkpoint of that step."""
-    if final.exists():
-        # os.rename cannot replace a non-empty directory: move the old one aside first. Between the
-        # two renames this step is absent, but older checkpoints are untouched.
-        old = final.with_name(f"{_TRASH_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        _discard(old)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(final.parent)
 
 
 def _rotate(root: Path, keep_last: int | None, just_written: Path) -> None:
@@ -410,8 +351,8 @@ def _rotate(root: Path, keep_last: int | None, just_written: Path) -> None:
     complete = [path for _, path in _step_dirs(root) if is_complete_checkpoint(path)]
     for path in complete[: max(len(complete) - keep_last, 0)]:
         if path != just_written:
-            _remove_checkpoint(path)
-    _fsync_path(root)
+            atomic.remove_dir(path)
+    atomic.fsync_path(root)
 
 
 def save_checkpoint(
@@ -456,15 +397,10 @@ def save_checkpoint(
     rng_states = [collect_rng_state()] if rng_states is None else list(rng_states)
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=root))
-    try:
+    atomic.remove_stale_temporaries(root)  # left by a save or a rotation that was killed (single writer)
+    with atomic.atomic_dir(final, exists="replace") as tmp:
         _write_checkpoint_files(tmp, state, peft_model, optimizer, scheduler, config, rng_states)
         _write_manifest(tmp, state.step)  # last: its presence says every other file is complete
-        _publish(tmp, final)
-    except BaseException:
-        _discard(tmp)
-        raise
     _rotate(root, keep_last, final)
     return final
 
@@ -662,20 +598,11 @@ def merge_adapter(
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent))
-    try:
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked above)
+    with atomic.atomic_dir(out_dir, exists="refuse") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer_source = adapter_dir if _has_tokenizer(adapter_dir) else Path(base_model_dir)
         if _has_tokenizer(tokenizer_source):
             AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False).save_pretrained(tmp)
-        _fsync_tree(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(tmp, out_dir)
-        _fsync_path(out_dir.parent)
-    except BaseException:
-        _discard(tmp)
-        raise
     return out_dir

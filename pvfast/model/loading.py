@@ -1,7 +1,7 @@
 """Model and tokenizer loading for the trainer: base model (optionally NF4), LoRA, checkpointing, attention.
 
 ``ModelConfig.name_or_path`` is a local directory, a hub id, or None for the embedded tiny model
-(:func:`pvfast.testing.tiny_model_dir`). Loading follows the published QLoRA recipe (SPEC §6)::
+(:func:`pvfast.model.tiny.tiny_model_dir`). Loading follows the published QLoRA recipe (SPEC §6)::
 
     base   AutoModelForCausalLM.from_pretrained(use_safetensors=True, trust_remote_code=False)
            quant "nf4": BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute bf16 on GPU / fp32 on CPU)
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pvfast.config import TRUST_REMOTE_CODE, ModelConfig
+from pvfast.config.stages import TRUST_REMOTE_CODE, ModelConfig
 
 
 class ModelLoadError(RuntimeError):
@@ -38,7 +38,7 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 def model_source(cfg: ModelConfig) -> str:
     """The directory or hub id to load from; the tiny model's cache directory when ``name_or_path`` is None."""
     if cfg.name_or_path is None:
-        from pvfast.testing import tiny_model_dir
+        from pvfast.model.tiny import tiny_model_dir
 
         return str(tiny_model_dir(cfg.tiny_arch))
     name = os.path.expanduser(cfg.name_or_path)

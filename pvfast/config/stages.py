@@ -1,4 +1,4 @@
-"""Run configuration of ``python -m pvfast.train``: one dataclass per stage, named presets, file + CLI overrides.
+"""Run configuration of ``python -m pvfast.train.recipe``: one dataclass per stage, named presets, file + CLI overrides.
 
 A stage config is composed of sections; every constant is a field whose default is documented inline::
 
@@ -6,8 +6,8 @@ A stage config is composed of sections; every constant is a field whose default 
     POStageConfig        model  data  optim  run  pairs  po   sft_adapter
     PipelineStageConfig  model  data  optim  run  sft  pairs  po          (SFT -> pairs -> PO -> evaluation)
 
-The objective settings are the classes of :mod:`pvfast.losses` (``TabpoConfig``, ``DpoConfig``, ...,
-``SftConfig``) and pair generation is :class:`pvfast.pairs.PairConfig`, nested as they are.
+The objective settings are the classes of :mod:`pvfast.objectives.losses` (``TabpoConfig``, ``DpoConfig``, ...,
+``SftConfig``) and pair generation is :class:`pvfast.data.pairs.PairConfig`, nested as they are.
 ``po.objective`` names the objective; ``po.objective_config`` is that objective's config, started from its
 defaults or, for TAB-PO, from the preset named by ``po.preset`` ("released", "paper", "paper_b085").
 
@@ -23,11 +23,11 @@ the key, the expected type and the value. Changing ``po.objective`` or ``po.pres
 
 Command lines::
 
-    python -m pvfast.train                                     # pipeline, preset "tiny": CPU, minutes
-    python -m pvfast.train sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
-    python -m pvfast.train po --preset llama-3.1-8b --config run.yaml --sft_adapter runs/sft/adapter \
+    python -m pvfast.train.recipe                                     # pipeline, preset "tiny": CPU, minutes
+    python -m pvfast.train.recipe sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
+    python -m pvfast.train.recipe po --preset llama-3.1-8b --config run.yaml --sft_adapter runs/sft/adapter \
         --po.objective dpo --po.objective_config.beta 0.3
-    python -m pvfast.train pipeline --preset tiny --model.quant nf4 --optim.lr=1e-3 --run.resume
+    python -m pvfast.train.recipe pipeline --preset tiny --model.quant nf4 --optim.lr=1e-3 --run.resume
 
 Values: bools ``true/false/1/0/yes/no``; ``none``/``null`` for optional fields; tuples as comma lists
 (``--model.lora_targets q_proj,v_proj``); a bare ``--key`` means ``true``. Dashes in keys read as
@@ -50,12 +50,13 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
-from pvfast.codebook import PUBLISHED_N_MESSAGES
-from pvfast.generation import GenerationConfig
-from pvfast.losses import OBJECTIVES, PRESETS as TABPO_PRESETS, ObjectiveConfig, SftConfig, TabpoConfig
-from pvfast.losses import default_config as default_objective_config
-from pvfast.pairs import PairConfig
-from pvfast.testing import LORA_TARGETS
+from pvfast.data.codebook import PUBLISHED_N_MESSAGES
+from pvfast.data.pairs import PairConfig
+from pvfast.model.generation import GenerationConfig
+from pvfast.model.tiny import LORA_TARGETS
+from pvfast.objectives.losses import OBJECTIVES, ObjectiveConfig, SftConfig, TabpoConfig
+from pvfast.objectives.losses import PRESETS as TABPO_PRESETS
+from pvfast.objectives.losses import default_config as default_objective_config
 
 STAGES = ("sft", "po", "pipeline")
 DEFAULT_STAGE = "pipeline"
@@ -112,7 +113,7 @@ class ModelConfig:
     ``trust_remote_code`` is not a field: it is always False (:data:`TRUST_REMOTE_CODE`).
     """
 
-    name_or_path: str | None = None  # local directory or hub id; None = the embedded tiny model (pvfast.testing)
+    name_or_path: str | None = None  # local directory or hub id; None = the embedded tiny model (pvfast.model.tiny)
     tiny_arch: Literal["qwen2", "llama"] = "qwen2"  # which embedded tiny model, used when name_or_path is None
     # nf4: 4-bit NF4 weights with double quantization, compute in bf16 on GPU and fp32 on CPU
     quant: Literal["none", "nf4"] = "nf4"
@@ -145,7 +146,7 @@ class DataConfig:
     test: str | None = None  # JSONL of examples for the final evaluation; None = synthetic test split
     synthetic_n: int = PUBLISHED_N_MESSAGES  # messages in the embedded synthetic corpus (the published count)
     synthetic_seed: int = 0  # seed of the synthetic corpus and of its 80/10/10 train/validation/test split
-    template: str | None = None  # user-prompt template file; None = the built-in pvfast/templates/pvminer_user.txt
+    template: str | None = None  # user-prompt template file; None = the built-in pvfast/data/templates/pvminer_user.txt
     skip_invalid: bool = False  # False: a malformed record stops the run before any compute; True: skip, count it
     token_budget: int = 16384  # tokens per micro-batch pack (prefix tree: shared instruction counted once)
     truncate: bool = False  # False: a completion over max_completion_tokens is an error; True: cut it there
@@ -280,7 +281,7 @@ class POSection:
 
 @dataclass(frozen=True)
 class SFTStageConfig:
-    """``python -m pvfast.train sft``: supervised fine-tuning on the gold completions."""
+    """``python -m pvfast.train.recipe sft``: supervised fine-tuning on the gold completions."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -291,7 +292,7 @@ class SFTStageConfig:
 
 @dataclass(frozen=True)
 class POStageConfig:
-    """``python -m pvfast.train po``: preference optimization from an SFT adapter."""
+    """``python -m pvfast.train.recipe po``: preference optimization from an SFT adapter."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -306,7 +307,7 @@ class POStageConfig:
 
 @dataclass(frozen=True)
 class PipelineStageConfig:
-    """``python -m pvfast.train pipeline``: SFT -> confusion-aware pairs (SPEC §4) -> PO -> evaluation."""
+    """``python -m pvfast.train.recipe pipeline``: SFT -> confusion-aware pairs (SPEC §4) -> PO -> evaluation."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -349,7 +350,7 @@ def _published_preset(name: str, model_id: str) -> dict:
     return {"model": {"name_or_path": model_id, "dtype": "bf16"}, "run": {"output_dir": f"runs/{name}"}}
 
 
-# The embedded tiny model on the synthetic corpus, sized so that `python -m pvfast.train` (pipeline) ends in
+# The embedded tiny model on the synthetic corpus, sized so that `python -m pvfast.train.recipe` (pipeline) ends in
 # a few minutes on 2 CPU cores. Measured on such a machine: one forward+backward of the tiny Qwen2 over an
 # 8192-token pack takes ~8 s; the tiny tokenizer's prompt is ~3.5k tokens (the instruction, shared once per
 # pack) and a completion ~120 tokens (max ~420), so a pack holds ~25 SFT examples or ~8 preference groups.
@@ -496,7 +497,7 @@ def _coerce(value: Any, hint) -> Any:
         if isinstance(value, str):
             return value
         raise _BadValue
-    raise TypeError(f"pvfast.config: no parser for field type {hint!r}")
+    raise TypeError(f"pvfast.config.stages: no parser for field type {hint!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -805,7 +806,7 @@ def format_config(cfg) -> str:
     return f"# pvfast {stage_of(cfg)} config\n{body}"
 
 
-USAGE = """usage: python -m pvfast.train [sft|po|pipeline] [--config FILE] [--preset NAME] [--key value ...]
+USAGE = """usage: python -m pvfast.train.recipe [sft|po|pipeline] [--config FILE] [--preset NAME] [--key value ...]
 
   stage        sft | po | pipeline (default: pipeline)
   --config     YAML or JSON file of nested sections (a saved config.json reloads as is)
@@ -838,7 +839,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[str, str | None, str | None, list[st
     """Split ``[stage] [--config FILE] [--preset NAME] [--key value ...]`` into its parts.
 
     The stage defaults to "pipeline". With neither ``--preset`` nor ``--config`` the preset is
-    :data:`DEFAULT_PRESET` ("tiny"), so a bare ``python -m pvfast.train`` runs the CPU demo; pass
+    :data:`DEFAULT_PRESET` ("tiny"), so a bare ``python -m pvfast.train.recipe`` runs the CPU demo; pass
     ``--preset none`` for the plain defaults. ``--help`` / ``--help-keys`` print usage and exit.
 
     Returns:

@@ -1,15 +1,15 @@
-"""``python -m pvfast.train``: SFT, preference optimization (TAB-PO and baselines), or the whole pipeline.
+"""``python -m pvfast.train.recipe``: SFT, preference optimization (TAB-PO and baselines), or the whole pipeline.
 
 Run commands::
 
-    python -m pvfast.train                                   # pipeline, preset "tiny": CPU, a few minutes
-    python -m pvfast.train sft --run.device cpu --optim.max_steps 20 --run.output_dir runs/sft-cpu
-    python -m pvfast.train sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
-    python -m pvfast.train po --preset llama-3.1-8b --sft_adapter runs/sft/adapter --data.train prefs.jsonl \\
+    python -m pvfast.train.recipe                                   # pipeline, preset "tiny": CPU, a few minutes
+    python -m pvfast.train.recipe sft --run.device cpu --optim.max_steps 20 --run.output_dir runs/sft-cpu
+    python -m pvfast.train.recipe sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
+    python -m pvfast.train.recipe po --preset llama-3.1-8b --sft_adapter runs/sft/adapter --data.train prefs.jsonl \\
         --po.objective dpo --po.precompute_ref
-    python -m pvfast.train pipeline --preset qwen2.5-1.5b --run.resume          # continue an interrupted run
-    torchrun --nproc_per_node 2 -m pvfast.train pipeline --preset qwen2.5-1.5b  # DDP, one process per GPU
-    torchrun --nproc_per_node 2 -m pvfast.train sft --run.device cpu            # DDP on the CPU (gloo)
+    python -m pvfast.train.recipe pipeline --preset qwen2.5-1.5b --run.resume          # continue an interrupted run
+    torchrun --nproc_per_node 2 -m pvfast.train.recipe pipeline --preset qwen2.5-1.5b  # DDP, one process per GPU
+    torchrun --nproc_per_node 2 -m pvfast.train.recipe sft --run.device cpu            # DDP on the CPU (gloo)
 
 What a run does, top to bottom (``main``)::
 
@@ -24,8 +24,8 @@ What a run does, top to bottom (``main``)::
 
 Why PO trains a new adapter on the merged SFT model: the reference of SPEC §3 is the SFT model, and with the
 SFT adapter folded into the base weights, "the policy with its adapters disabled" (the reference pass of
-:func:`pvfast.reference.reference_stats`) is exactly that model, with no second copy of the weights. For
-``--model.quant nf4`` the merge is done in full precision (:func:`pvfast.checkpoint.merge_adapter` never
+:func:`pvfast.model.reference.reference_stats`) is exactly that model, with no second copy of the weights. For
+``--model.quant nf4`` the merge is done in full precision (:func:`pvfast.train.checkpoint.merge_adapter` never
 merges into 4-bit weights) and the merged model is quantized again when it is loaded, as QLoRA does.
 
 Each training stage writes into its directory: ``metrics.jsonl`` (a packing line, then one line per logged
@@ -64,28 +64,69 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pvfast import distributed as dist
-from pvfast.batching import LossBatch, PackingStats, epoch_order, fit_to_budget, make_loss_batches
-from pvfast.batching import preference_groups, sft_groups
-from pvfast.checkpoint import (TrainState, config_differences, latest_checkpoint, load_checkpoint, merge_adapter,
-                               read_checkpoint_config, save_checkpoint)
-from pvfast.class_balance import attach_class_balance, class_balance_weights
-from pvfast.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
-                           config_to_dict, format_config, load_config, parse_cli, save_config)
-from pvfast.data.io import DataError, load_examples, load_preferences, read_jsonl, write_preferences
+from pvfast.config.stages import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    config_to_dict,
+    format_config,
+    load_config,
+    parse_cli,
+    save_config,
+)
+from pvfast.data.io import (
+    DataError,
+    load_examples,
+    load_preferences,
+    read_jsonl,
+    write_preferences,
+)
 from pvfast.data.jsonfmt import parse_output
+from pvfast.data.pairs import (
+    PairConfig,
+    make_preference_records,
+    tables_from_outputs,
+    write_confusion_csv,
+)
+from pvfast.data.prompt import PromptTemplate, TemplateError
 from pvfast.data.records import Example, PreferenceRecord
 from pvfast.data.synth import default_corpus, split_corpus
-from pvfast.evaluate import evaluate_outputs, report_json
-from pvfast.fused_loss import FusedTokenPOLoss
-from pvfast.generation import generate_completions
-from pvfast.losses import ObjectiveConfig
-from pvfast.metrics import render_table
-from pvfast.models import ModelLoadError, load_model, load_tokenizer, model_source
-from pvfast.packing import CompletionGroup, packed_attention_mask
-from pvfast.pairs import PairConfig, make_preference_records, tables_from_outputs, write_confusion_csv
-from pvfast.prompt import PromptTemplate, TemplateError
-from pvfast.reference import lm_head_weight, precompute_reference, reference_stats
+from pvfast.eval.metrics import render_table
+from pvfast.eval.scoring import evaluate_outputs, report_json
+from pvfast.model.forward import lm_head_weight, packed_attention_mask
+from pvfast.model.generation import generate_completions
+from pvfast.model.loading import (
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    model_source,
+)
+from pvfast.model.reference import precompute_reference, reference_stats
+from pvfast.objectives.class_balance import attach_class_balance, class_balance_weights
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.objectives.losses import ObjectiveConfig
+from pvfast.packing.loss_batch import (
+    LossBatch,
+    PackingStats,
+    epoch_order,
+    fit_to_budget,
+    make_loss_batches,
+    preference_groups,
+    sft_groups,
+)
+from pvfast.packing.tree import CompletionGroup
+from pvfast.train import distributed as dist
+from pvfast.train.checkpoint import (
+    TrainState,
+    config_differences,
+    latest_checkpoint,
+    load_checkpoint,
+    merge_adapter,
+    read_checkpoint_config,
+    save_checkpoint,
+)
 
 EXIT_OK = 0
 EXIT_MODEL = 1
@@ -399,7 +440,7 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
                out_dir: Path, ctx, config_dict: dict, log: MetricsLog, title: str) -> LoopResult:
     """Train ``model``'s trainable (LoRA) weights on ``batches``; checkpoints in ``out_dir``.
 
-    ``model`` is the (possibly DDP-wrapped, :func:`pvfast.distributed.wrap_model`) peft model;
+    ``model`` is the (possibly DDP-wrapped, :func:`pvfast.train.distributed.wrap_model`) peft model;
     ``reference(batch, mask)`` gives the (M, 7) reference statistics of a batch, None for reference-free
     objectives.
     """
@@ -725,7 +766,7 @@ def run_stage(stage: str, cfg, ctx) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pvfast.train``; returns the exit status (module docstring)."""
+    """Entry point of ``python -m pvfast.train.recipe``; returns the exit status (module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         stage, config_file, preset, overrides = parse_cli(argv)

@@ -1,8 +1,8 @@
 """``FusedTokenPOLoss``: any pvfast objective straight from hidden states, never materialising logits.
 
-The module runs the fused-linear op (``pvfast.ops.linear_segment_scores``: lm_head matmul, online
+The module runs the fused-linear op (``pvfast.ops.dispatch.linear_segment_stats``: lm_head matmul, online
 log-sum-exp, target gather and the per-completion sums in one pass) and then the objective in
-``pvfast.losses`` on the (M, 7) statistics. Numerically it is the torch reference: same statistics, same
+``pvfast.objectives.losses`` on the (M, 7) statistics. Numerically it is the torch reference: same statistics, same
 objective code; only the way ℓ_t is computed differs.
 
 Inputs are *scoring rows*: one row per scored completion token t, holding the hidden state that predicts
@@ -28,9 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pvfast import ops
-from pvfast.losses import (ObjectiveConfig, ObjectiveOutput, PairIndex, compute_objective, effective_token_weights,
-                           objective_spec)
+from pvfast.objectives.losses import (
+    ObjectiveConfig,
+    ObjectiveOutput,
+    PairIndex,
+    compute_objective,
+    effective_token_weights,
+    objective_spec,
+)
+from pvfast.ops import dispatch as ops
 
 IGNORE_INDEX = -100
 
@@ -80,13 +86,13 @@ class FusedTokenPOLoss(nn.Module):
 
     Args:
         objective: "tabpo" (default), "dpo", "ipo", "cal_dpo", "dpo_positive", "simpo" or "sft".
-        config: the objective's config (``pvfast.losses``), e.g. ``TabpoConfig.from_preset("paper")``;
+        config: the objective's config (``pvfast.objectives.losses``), e.g. ``TabpoConfig.from_preset("paper")``;
             None gives its defaults (the released preset for TAB-PO).
-        impl: kernel backend of ``pvfast.ops``: "auto" (CUDA → Triton, CPU → C++), "triton", "cpp", "torch".
+        impl: kernel backend of ``pvfast.ops.dispatch``: "auto" (CUDA → Triton, CPU → C++), "triton", "cpp", "torch".
 
     ``forward(rows, lm_head_weight, pairs, ref_stats, example_weights) -> ObjectiveOutput``:
         rows: :class:`ScoringRows` (N scored tokens of M completions); lm_head_weight: (V, H), frozen
-        under LoRA (a trainable one gets its gradient too); pairs: :class:`pvfast.losses.PairIndex` over
+        under LoRA (a trainable one gets its gradient too); pairs: :class:`pvfast.objectives.losses.PairIndex` over
         the M completions (None for SFT over every completion); ref_stats: (M, 7) reference statistics
         from :meth:`statistics` on the frozen model (None for reference-free objectives);
         example_weights: (P,) class-balance weights, used when the config enables class balance.
@@ -108,7 +114,7 @@ class FusedTokenPOLoss(nn.Module):
     def statistics(self, rows: ScoringRows, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """(M, 7) per-completion statistics of ``rows`` under this objective's token weights and gate."""
         weights = effective_token_weights(rows.weights, self.config)
-        return ops.linear_segment_scores(rows.hidden, lm_head_weight, rows.targets, weights, rows.segment_ids,
+        return ops.linear_segment_stats(rows.hidden, lm_head_weight, rows.targets, weights, rows.segment_ids,
                                          rows.num_segments, self.tau, impl=self.impl)
 
     def forward(self, rows: ScoringRows, lm_head_weight: torch.Tensor, pairs: PairIndex | None = None,

@@ -53,7 +53,7 @@ same expression is the FlexAttention ``mask_mod`` (GPU: memory O(L) instead of t
 Scoring cannot be a per-position target array: the last prompt token is the parent of the first token of
 k+1 different completions. So scoring is a list of gather rows (``score_*``, N = Σ completion lengths):
 ``log_softmax(hidden[score_positions] @ W.T)[score_targets]`` is each completion's per-token log-prob as if
-it ran alone, in completion order, with ``score_segments`` the segment ids of :mod:`pvfast.stats`.
+it ran alone, in completion order, with ``score_segments`` the segment ids of :mod:`pvfast.objectives.stats`.
 
 Packing (:func:`pack`) is first-fit-decreasing on the *marginal* cost of a group (the trie tokens it adds
 to a pack; the shared instruction is paid once per pack), never exceeding the token budget. The result is
@@ -66,8 +66,8 @@ FlexAttention (the GPU path) takes a ``BlockMask`` built from ``subtree_end``, a
 branches do not see each other. Padding tokens (``pad_to_multiple``) are isolated roots: each attends only to
 itself, so no attention row is empty.
 
-Usage, with the per-completion sums of :mod:`pvfast.stats` (the trainer does the same through the fused
-op, see :mod:`pvfast.batching`)::
+Usage, with the per-completion sums of :mod:`pvfast.objectives.stats` (the trainer does the same through the fused
+op, see :mod:`pvfast.packing.loss_batch`)::
 
     batches = pack(groups, token_budget=16384)
     for batch in batches:
@@ -88,8 +88,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")  # the ones that take an arbitrary mask
 
 
 @dataclass(frozen=True)
@@ -495,51 +493,3 @@ def pack(
         build_packed_batch([items[i] for i in member], member, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
         for member in assign_packs(items, token_budget)
     ]
-
-
-def _causal_lm(model):
-    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def packed_attention_mask(model, batch: PackedBatch):
-    """The mask in the form the model's attention implementation takes (see ATTENTION_IMPLEMENTATIONS)."""
-    impl = getattr(_causal_lm(model).config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
-        return batch.attention_mask()  # SDPA takes a boolean mask, True = attend
-    if impl == "flex_attention":
-        return batch.block_mask()
-    if impl == "eager":
-        # Eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere.
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
-        allowed = batch.attention_mask()
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    raise ValueError(f"attention implementation {impl!r} cannot take a tree mask; use one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}")
-
-
-def packed_forward(model, batch: PackedBatch, attention_mask=None) -> torch.Tensor:
-    """Last hidden states (L, H) of a HF causal LM (optionally peft-wrapped) on one packed row.
-
-    ``attention_mask``: a mask from :func:`packed_attention_mask` to reuse (the policy pass and the
-    adapters-disabled reference pass of the same row need the same one); built here when None.
-    """
-    decoder = _causal_lm(model).get_decoder()
-    out = decoder(
-        input_ids=batch.input_ids[None],
-        attention_mask=packed_attention_mask(model, batch) if attention_mask is None else attention_mask,
-        position_ids=batch.position_ids[None],
-        use_cache=False,
-    )
-    return out.last_hidden_state[0]
-
-
-def packed_token_logprobs(model, batch: PackedBatch, attention_mask=None) -> torch.Tensor:
-    """(N,) float32 log-prob of every scored token, in ``score_*`` order (plain torch, O(N·V) memory)."""
-    hidden = packed_forward(model, batch, attention_mask)
-    head = _causal_lm(model).get_output_embeddings()
-    h = hidden[batch.score_positions].to(head.weight.dtype)
-    logits = torch.nn.functional.linear(h, head.weight, head.bias).float()
-    return logits.log_softmax(-1).gather(-1, batch.score_targets[:, None])[:, 0]
