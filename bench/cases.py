@@ -53,9 +53,7 @@ def _logprob_fn(provider: str):
         impl = provider.removeprefix("pvfast-")
         return lambda h, w, y: ops.linear_token_logprobs(h, w, y, impl=impl)
     if provider == "liger":
-        from liger_kernel.transformers.fused_linear_cross_entropy import (
-            LigerFusedLinearCrossEntropyLoss,
-        )
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
         loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
         return lambda h, w, y: -loss(w, h, y)

@@ -42,8 +42,8 @@ def _loss_fn(provider: str, p: int, t: int, v: int, device: str):
         return naive
     if provider == "pvfast":
         from pvfast import FusedTokenPOLoss, PairIndex
+        from pvfast.objectives.config import DpoConfig
         from pvfast.objectives.fused_loss import ScoringRows
-        from pvfast.objectives.losses import DpoConfig
         from pvfast.objectives.stats import NUM_STATS
 
         loss = FusedTokenPOLoss("dpo", DpoConfig(beta=BETA))

@@ -32,8 +32,8 @@ from pvfast.data.synth import default_corpus
 from pvfast.data.tokenization import TokenizedPairGroup, tokenize_pair_group
 from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
 from pvfast.model.reference import reference_stats
+from pvfast.objectives.config import TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss, causal_lm_rows
-from pvfast.objectives.weights import TokenWeightConfig
 from pvfast.packing.loss_batch import LossBatch, make_loss_batches, preference_groups
 from pvfast.packing.padded import collate_pair_groups
 

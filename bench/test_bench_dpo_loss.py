@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from bench.harness import cuda_peak_extra_bytes, peak_extra_in_worker
-from bench.loss_cases import (
-    LOSS_PROVIDERS,
-    build_loss_case,
-    loss_provider_available,
-    loss_value,
-)
+from bench.loss_cases import LOSS_PROVIDERS, build_loss_case, loss_provider_available, loss_value
 
 SUBJECT = "dpo_loss_from_hidden"
 COLUMNS = ["device", "provider", "P", "T", "H", "V", "dtype", "loss", "median_ms", "peak_extra_MiB",

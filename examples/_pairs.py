@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pvfast.config.sections import PairConfig
 from pvfast.data.codebook import CODES, SUBCODES
-from pvfast.data.pairs import ConfusionTable, PairConfig, make_preference_records
+from pvfast.data.pairs import ConfusionTable, make_preference_records
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
-from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.objectives.config import TokenWeightConfig
 
 # A short user template keeps the CPU examples quick; real runs use pvfast's full instruction (the default).
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN: {direction}\nContext: {message}"

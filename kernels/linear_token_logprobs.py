@@ -34,15 +34,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from pvfast.kernels import interpreting
-from pvfast.kernels.segment_stats import (
-    _accumulate_segment_stats,
-    check_segment_vectors,
-    segment_stats_backward,
-)
 
+from pvfast.kernels import interpreting
+from pvfast.kernels.segment_stats import _accumulate_segment_stats, check_segment_vectors, segment_stats_backward
 from pvfast.objectives.stats import NUM_STATS
-from pvfast.objectives.stats import log_tau as _log_tau
+from pvfast.objectives.config import log_tau as _log_tau
 
 IGNORE_INDEX = -100
 AUTOTUNE = os.environ.get("PVFAST_AUTOTUNE", "0") == "1"

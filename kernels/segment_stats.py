@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from pvfast.objectives.stats import NUM_STATS
-from pvfast.objectives.stats import log_tau as _log_tau
+from pvfast.objectives.config import log_tau as _log_tau
 
 # One program reduces this many tokens: the kernels are memory-bound and tiny (N ≤ ~64k tokens), so a
 # large block keeps the launch to a handful of programs.

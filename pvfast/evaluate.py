@@ -40,19 +40,11 @@ from typing import Sequence
 
 from pvfast.data.io import DataError, load_examples
 from pvfast.data.jsonfmt import ParseResult
-from pvfast.data.predictions import (
-    align_predictions,
-    read_predictions,
-    write_predictions,
-)
+from pvfast.data.predictions import align_predictions, read_predictions, write_predictions
 from pvfast.data.records import Annotation, Example
 from pvfast.eval.metrics import render_table
 from pvfast.eval.scoring import evaluate_outputs, report_json
-from pvfast.model.generation import (
-    add_generation_arguments,
-    generate_completions,
-    load_model_for_generation,
-)
+from pvfast.model.generation import add_generation_arguments, generate_completions, load_model_for_generation
 
 EXIT_INVALID_DATA = 2
 

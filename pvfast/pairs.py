@@ -23,14 +23,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from pvfast.config.sections import STRATEGIES, PairConfig
 from pvfast.data.io import DataError, load_examples, write_preferences
-from pvfast.data.pairs import (
-    STRATEGIES,
-    PairConfig,
-    make_preference_records,
-    tables_from_outputs,
-    write_confusion_csv,
-)
+from pvfast.data.pairs import make_preference_records, tables_from_outputs, write_confusion_csv
 from pvfast.data.records import Example
 from pvfast.model.generation import add_generation_arguments
 
@@ -49,7 +44,7 @@ _FIELD_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pvfast.data.pairs", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pvfast.pairs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, required=True, help="training examples (chosen = gold)")
     parser.add_argument("--val", type=Path, required=True, help="validation examples the model is run on")
@@ -84,11 +79,7 @@ def config_from_args(args: argparse.Namespace) -> PairConfig:
 
 
 def _validation_outputs(args: argparse.Namespace, val_examples: list[Example]) -> list[str]:
-    from pvfast.data.predictions import (
-        align_predictions,
-        read_predictions,
-        write_predictions,
-    )
+    from pvfast.data.predictions import align_predictions, read_predictions, write_predictions
     from pvfast.model.generation import generate_completions, load_model_for_generation
 
     if args.predictions is not None:

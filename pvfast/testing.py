@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from pvfast.model.tiny import (
-    DEFAULT_RECIPE,
-    LORA_TARGETS,
-    QUANTS,
-    TinyRecipe,
-    tiny_model_dir,
-)
+from pvfast.config.sections import LORA_TARGETS
+from pvfast.model.tiny import DEFAULT_RECIPE, QUANTS, TinyRecipe, tiny_model_dir
 
 
 def load_tiny_model(

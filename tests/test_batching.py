@@ -16,25 +16,13 @@ from pvfast.data.jsonfmt import serialize
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import generate_corpus
-from pvfast.data.tokenization import (
-    token_weights,
-    tokenize_completion,
-    tokenize_pair_group,
-)
+from pvfast.data.tokenization import token_weights, tokenize_completion, tokenize_pair_group
 from pvfast.model.forward import lm_head_weight, packed_forward
 from pvfast.model.reference import reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
-from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.config import ClassBalanceConfig, DpoConfig, SftConfig, TabpoConfig, TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
-from pvfast.objectives.losses import (
-    DpoConfig,
-    PairIndex,
-    SftConfig,
-    TabpoConfig,
-    compute_objective,
-    stats_from_padded,
-)
-from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.objectives.losses import PairIndex, compute_objective, stats_from_padded
 from pvfast.packing.loss_batch import (
     GroupKey,
     LossBatch,

@@ -6,13 +6,8 @@ import pytest
 
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
-from pvfast.objectives.class_balance import (
-    ClassBalanceConfig,
-    attach_class_balance,
-    class_balance_weights,
-    example_labels,
-    label_weights,
-)
+from pvfast.objectives.class_balance import attach_class_balance, class_balance_weights, example_labels, label_weights
+from pvfast.objectives.config import ClassBalanceConfig
 
 PP = "PartnershipPatient"
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from pvfast.config.sections import PairConfig
 from pvfast.config.stages import (
     ConfigError,
     PipelineStageConfig,
@@ -20,16 +21,15 @@ from pvfast.config.stages import (
     save_config,
     stage_of,
 )
-from pvfast.data.pairs import PairConfig
-from pvfast.objectives.class_balance import ClassBalanceConfig
-from pvfast.objectives.losses import (
+from pvfast.objectives.config import (
+    ClassBalanceConfig,
     DpoConfig,
     IpoConfig,
     SftConfig,
     SimpoConfig,
     TabpoConfig,
+    TokenWeightConfig,
 )
-from pvfast.objectives.weights import TokenWeightConfig
 
 SPEC6_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -13,7 +13,8 @@ import warnings
 import pytest
 import torch
 
-from pvfast.objectives.stats import NUM_STATS, log_tau, segment_stats_reference
+from pvfast.objectives.config import log_tau
+from pvfast.objectives.stats import NUM_STATS, segment_stats_reference
 from pvfast.ops import cpp_backend as _cpp
 
 try:

@@ -20,8 +20,8 @@ from pvfast.data.synth import default_corpus
 from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
 from pvfast.model.reference import reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.config import TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
-from pvfast.objectives.weights import TokenWeightConfig
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups
 from pvfast.testing import activate_lora, load_tiny_model
 from pvfast.train.distributed import (

@@ -15,14 +15,8 @@ from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
 from pvfast.model.tiny import load_tiny_tokenizer
-from pvfast.objectives.losses import (
-    TabpoConfig,
-    compute_objective,
-    default_config,
-    effective_token_weights,
-    stats_from_padded,
-)
-from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.objectives.config import TabpoConfig, TokenWeightConfig, default_config
+from pvfast.objectives.losses import compute_objective, effective_token_weights, stats_from_padded
 from pvfast.packing.padded import collate_pair_groups
 from pvfast.testing import activate_lora, load_tiny_model
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from pvfast.kernels.linear_token_logprobs import (
     LinearSegmentStatsFunction,
     LinearTokenLogprobsFunction,
@@ -20,7 +21,6 @@ from pvfast.kernels.linear_token_logprobs import (
 )
 from pvfast.kernels.segment_stats import SegmentStatsFunction
 from pvfast.kernels.token_logprobs import TokenLogprobsFunction, token_logprobs_forward
-
 from pvfast.objectives.stats import NUM_STATS, segment_stats_reference
 
 IGNORE = -100

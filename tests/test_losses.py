@@ -6,27 +6,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pvfast.objectives.class_balance import ClassBalanceConfig
-from pvfast.objectives.losses import (
-    OBJECTIVES,
+from pvfast.objectives.config import (
     PRESETS,
     CalDpoConfig,
-    CompletionStats,
+    ClassBalanceConfig,
     DpoConfig,
     DpoPositiveConfig,
     IpoConfig,
-    PairIndex,
     SftConfig,
     SimpoConfig,
     TabpoConfig,
-    compute_objective,
+    TokenWeightConfig,
     default_config,
+)
+from pvfast.objectives.losses import (
+    OBJECTIVES,
+    CompletionStats,
+    PairIndex,
+    compute_objective,
     effective_token_weights,
     repeat_per_pair,
     stats_from_padded,
     tabpo_terms,
 )
-from pvfast.objectives.weights import TokenWeightConfig
 
 F64 = torch.float64
 CB_ON = ClassBalanceConfig(enabled=True)

@@ -9,11 +9,7 @@ import pytest
 import torch
 
 import pvfast.packing.tree as packing
-from pvfast.model.forward import (
-    packed_attention_mask,
-    packed_forward,
-    packed_token_logprobs,
-)
+from pvfast.model.forward import packed_attention_mask, packed_forward, packed_token_logprobs
 from pvfast.model.tiny import load_tiny_tokenizer
 from pvfast.objectives.stats import segment_stats_reference
 from pvfast.packing.tree import (

@@ -6,19 +6,12 @@ from collections import Counter
 
 import pytest
 
-from pvfast.data.codebook import (
-    CODES,
-    SUBCODES,
-    code_allowed,
-    codes_for_direction,
-    is_valid_pair,
-    valid_subcodes,
-)
+from pvfast.config.sections import PairConfig
+from pvfast.data.codebook import CODES, SUBCODES, code_allowed, codes_for_direction, is_valid_pair, valid_subcodes
 from pvfast.data.io import load_preferences, write_examples
 from pvfast.data.jsonfmt import parse_output, serialize
 from pvfast.data.pairs import (
     ConfusionTable,
-    PairConfig,
     confusion_tables,
     make_preference_record,
     make_preference_records,

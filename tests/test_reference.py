@@ -12,17 +12,11 @@ from pvfast.data.records import PreferenceRecord
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
 from pvfast.model.forward import lm_head_weight, packed_forward
-from pvfast.model.reference import (
-    ReferenceCache,
-    batch_key,
-    frozen_model_stats,
-    precompute_reference,
-    reference_stats,
-)
+from pvfast.model.reference import ReferenceCache, batch_key, frozen_model_stats, precompute_reference, reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
+from pvfast.objectives.config import TabpoConfig, TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
-from pvfast.objectives.losses import TabpoConfig, stats_from_padded
-from pvfast.objectives.weights import TokenWeightConfig
+from pvfast.objectives.losses import stats_from_padded
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups
 from pvfast.packing.tree import group_tree_tokens
 from pvfast.testing import activate_lora, load_tiny_model

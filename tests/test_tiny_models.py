@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from pvfast.atomic import publish_dir
-from pvfast.model.tiny import (
-    ARCHS,
-    LORA_TARGETS,
-    TinyRecipe,
-    build_model,
-    build_tokenizer,
-    load_tiny_tokenizer,
-    tiny_model_dir,
-)
+from pvfast.config.sections import LORA_TARGETS
+from pvfast.model.tiny import ARCHS, TinyRecipe, build_model, build_tokenizer, load_tiny_tokenizer, tiny_model_dir
 from pvfast.testing import load_tiny_model
 
 # A cheaper recipe for the tests that must build into a fresh cache directory.

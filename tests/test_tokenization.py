@@ -8,6 +8,7 @@ import pytest
 from pvfast.data.jsonfmt import serialize, value_spans
 from pvfast.data.prompt import build_prompt, render_user_prompt
 from pvfast.data.records import Annotation
+from pvfast.data.roles import ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import (
     _roles_from_offsets,
@@ -17,14 +18,7 @@ from pvfast.data.tokenization import (
     tokenize_pair_group,
 )
 from pvfast.model.tiny import ARCHS, load_tiny_tokenizer
-from pvfast.objectives.weights import (
-    ROLE_CODE,
-    ROLE_PROMPT,
-    ROLE_SCAFFOLD,
-    ROLE_SPAN,
-    ROLE_SUBCODE,
-    TokenWeightConfig,
-)
+from pvfast.objectives.config import TokenWeightConfig
 
 # Hand-written triples: a span ending in punctuation (its token may swallow the closing quote), one
 # with escaped quotes, one with non-ASCII characters (several byte-level tokens per character).

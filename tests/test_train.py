@@ -1,4 +1,4 @@
-"""``python -m pvfast.train.recipe`` end to end on the tiny CPU model: stages, resume, faults.
+"""``python -m pvfast.train`` end to end on the tiny CPU model: stages, resume, faults.
 
 Most runs call :func:`pvfast.train.recipe.main` in-process with small overrides (a short prompt template so a
 pack holds many examples, a 20-message synthetic corpus, a few steps); the no-argument run is a real
@@ -24,6 +24,7 @@ from pvfast.data.io import DataError, load_examples
 from pvfast.data.synth import default_corpus, split_corpus
 from pvfast.model.tiny import tiny_model_dir
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.train import errors, layout, loop, metrics_log
 from pvfast.train import recipe as train
 
 SYNTHETIC_N = 20
@@ -44,12 +45,12 @@ def tiny_args(root: Path, out: str, steps: int = 4) -> list[str]:
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
-    lines = (out_dir / train.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    lines = (out_dir / layout.METRICS_FILE).read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if "step" in r]
 
 
 def adapter_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(out_dir / train.ADAPTER_DIR / "adapter_model.safetensors")
+    return load_file(out_dir / layout.ADAPTER_DIR / "adapter_model.safetensors")
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -75,7 +76,7 @@ def test_sft_stage_writes_adapter_metrics_plot_and_follows_the_schedule(sft_run)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    assert (sft_run / train.PLOT_FILE).stat().st_size > 0
+    assert (sft_run / layout.PLOT_FILE).stat().st_size > 0
     assert (sft_run / "config.json").is_file()
     records = read_metrics(sft_run)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -84,11 +85,11 @@ def test_sft_stage_writes_adapter_metrics_plot_and_follows_the_schedule(sft_run)
     # 0.5 (1 + cos(pi k / 3)) for k = 0, 1, 2, times the tiny preset's peak lr 1e-3.
     expected_lr = [0.5e-3, 1e-3, 0.75e-3, 0.25e-3]
     assert [r["lr"] for r in records] == pytest.approx(expected_lr, rel=1e-12)
-    packing = json.loads((sft_run / train.METRICS_FILE).read_text().splitlines()[0])
+    packing = json.loads((sft_run / layout.METRICS_FILE).read_text().splitlines()[0])
     assert packing["event"] == "packing" and packing["tree_tokens"] < packing["unshared_tokens"]
     # PEFT format: loads with PeftModel.from_pretrained, and the trained B matrices moved off zero.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"))
-    model = PeftModel.from_pretrained(base, sft_run / train.ADAPTER_DIR)
+    model = PeftModel.from_pretrained(base, sft_run / layout.ADAPTER_DIR)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     # The final checkpoint holds the same adapter as the adapter directory.
@@ -105,7 +106,7 @@ def test_stop_after_steps_then_resume_matches_uninterrupted_run_bitwise(sft_run,
     args = ["sft", *tiny_args(tmp_path, "split"), "--optim.epochs", "2"]
     assert train.main([*args, "--run.stop_after_steps", "2"]) == 0
     out = tmp_path / "split"
-    assert not (out / train.ADAPTER_DIR).exists()
+    assert not (out / layout.ADAPTER_DIR).exists()
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
     assert train.main([*args, "--run.resume"]) == 0
     assert_bitwise_equal(adapter_weights(out), adapter_weights(sft_run))
@@ -129,7 +130,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(sft_run, tmp_p
     monkeypatch.setattr(FusedTokenPOLoss, "forward", forward)
     out = tmp_path / "signal"
     assert (out / "checkpoints" / "step-000003" / "COMPLETE").is_file()
-    assert not (out / train.ADAPTER_DIR).exists()
+    assert not (out / layout.ADAPTER_DIR).exists()
     assert train.main([*args, "--run.resume"]) == 0
     assert_bitwise_equal(adapter_weights(out), adapter_weights(sft_run))
 
@@ -153,7 +154,7 @@ def test_bad_data_file_is_refused_with_the_data_layer_message_before_any_model(t
     monkeypatch.setattr(train, "load_model", no_model)
     monkeypatch.setattr(train, "load_tokenizer", no_model)
     status = train.main(["sft", *tiny_args(tmp_path, "bad"), "--data.train", str(bad)])
-    assert status == train.EXIT_BAD_INPUT == 2
+    assert status == errors.EXIT_BAD_INPUT == 2
     err = capsys.readouterr().err
     assert str(expected.value) in err and str(bad) in err
 
@@ -164,7 +165,7 @@ def test_over_budget_record_is_reported_unless_truncate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.max_completion_tokens 8" in err and "record 'syn-" in err
     assert train.main([*args, "--data.truncate"]) == 0
-    packing = json.loads((tmp_path / "long" / train.METRICS_FILE).read_text().splitlines()[0])
+    packing = json.loads((tmp_path / "long" / layout.METRICS_FILE).read_text().splitlines()[0])
     assert packing["truncated_records"] > 0
 
 
@@ -181,7 +182,7 @@ def test_non_finite_loss_stops_with_exit_3_naming_step_and_records(tmp_path, mon
 
     monkeypatch.setattr(FusedTokenPOLoss, "forward", nan_on_second_call)
     args = ["sft", *tiny_args(tmp_path, "nan"), "--run.save_every", "1"]
-    assert train.main(args) == train.EXIT_NON_FINITE == 3
+    assert train.main(args) == errors.EXIT_NON_FINITE == 3
     err = capsys.readouterr().err
     assert "optimizer step 2" in err
     named = set(err.split("records [", 1)[1].split("]", 1)[0].replace("'", "").split(", "))
@@ -189,7 +190,7 @@ def test_non_finite_loss_stops_with_exit_3_naming_step_and_records(tmp_path, mon
     assert named and named <= train_ids
     out = tmp_path / "nan"
     assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()  # the last good step is kept
-    assert not (out / "checkpoints" / "step-000002").exists() and not (out / train.ADAPTER_DIR).exists()
+    assert not (out / "checkpoints" / "step-000002").exists() and not (out / layout.ADAPTER_DIR).exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def test_non_finite_loss_stops_with_exit_3_naming_step_and_records(tmp_path, mon
 
 
 def _po_args(root: Path, out: str, sft_adapter: Path) -> list[str]:
-    return ["po", *tiny_args(root, out, steps=2), "--sft_adapter", str(sft_adapter / train.ADAPTER_DIR),
+    return ["po", *tiny_args(root, out, steps=2), "--sft_adapter", str(sft_adapter / layout.ADAPTER_DIR),
             "--run.eval_max_new_tokens", "24"]
 
 
@@ -211,10 +212,10 @@ def test_po_stage_starts_at_the_sft_model_and_precomputed_reference_gives_the_sa
     assert on_the_fly[0]["margin"] == pytest.approx(0.0, abs=1e-6)
     assert on_the_fly[0]["loss_pref"] == pytest.approx(math.log(2.0), abs=1e-6)
     assert cached[0]["loss"] == pytest.approx(on_the_fly[0]["loss"], abs=1e-6)
-    assert (tmp_path / "po_cached" / train.REFERENCE_CACHE_FILE).is_file()
+    assert (tmp_path / "po_cached" / layout.REFERENCE_CACHE_FILE).is_file()
     for name in ("preferences.jsonl", "confusion_code.csv", "confusion_subcode.csv"):
         assert (tmp_path / "po" / name).is_file()
-    assert (tmp_path / "po" / train.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (tmp_path / "po" / layout.ADAPTER_DIR / "adapter_config.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,16 +225,16 @@ def test_po_stage_starts_at_the_sft_model_and_precomputed_reference_gives_the_sa
 
 def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pvfast.train.recipe"], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pvfast.train"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "tiny"
     for stage in ("sft", "po"):
-        assert (out / stage / train.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+        assert (out / stage / layout.ADAPTER_DIR / "adapter_model.safetensors").is_file()
         assert read_metrics(out / stage)
-        assert (out / stage / train.PLOT_FILE).stat().st_size > 0
-    report = json.loads((out / train.REPORT_FILE).read_text())
+        assert (out / stage / layout.PLOT_FILE).stat().st_size > 0
+    report = json.loads((out / layout.REPORT_FILE).read_text())
     scores = report["runs"][0]["report"]
     for level in ("code", "subcode", "span"):
         assert 0.0 <= scores[level]["f1"] <= 1.0
@@ -258,7 +259,7 @@ def test_po_with_nf4_alternates_reference_and_training_passes(sft_run, tmp_path)
 
 
 def test_model_source_errors_name_the_path(tmp_path):
-    from pvfast.config.stages import ModelConfig
+    from pvfast.config.sections import ModelConfig
     from pvfast.model.loading import ModelLoadError, model_source
 
     with pytest.raises(ModelLoadError, match="directory not found"):
@@ -272,7 +273,7 @@ def test_model_source_errors_name_the_path(tmp_path):
 def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from pvfast.config.stages import ModelConfig
+    from pvfast.config.sections import ModelConfig
     from pvfast.model import loading as models
 
     real = importlib.util.find_spec
@@ -283,7 +284,7 @@ def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 def test_local_directory_gets_lora_on_every_target_and_a_pad_token():
-    from pvfast.config.stages import ModelConfig
+    from pvfast.config.sections import ModelConfig
     from pvfast.model.loading import load_base_model, load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir("llama")), quant="none", lora_r=4,
@@ -310,20 +311,20 @@ def _fake_batches(n: int, scored: int):
 
 
 def test_plan_steps_accumulates_rounds_until_the_token_budget():
-    from pvfast.config.stages import OptimConfig
+    from pvfast.config.sections import OptimConfig
 
-    Step = train.Step
+    Step = loop.Step
     # 4 packs of 100 scored tokens, budget 250: rounds 0-2 reach 300 >= 250, round 3 closes the epoch.
     optim = OptimConfig(epochs=2, tokens_per_step=250)
-    assert train.plan_steps(_fake_batches(4, 100), optim, seed=0, world_size=1) == [
+    assert loop.plan_steps(_fake_batches(4, 100), optim, seed=0, world_size=1) == [
         Step(0, 0, 3), Step(0, 3, 1), Step(1, 0, 3), Step(1, 3, 1)]
     capped = OptimConfig(epochs=2, tokens_per_step=250, max_steps=3)
-    assert len(train.plan_steps(_fake_batches(4, 100), capped, seed=0, world_size=1)) == 3
+    assert len(loop.plan_steps(_fake_batches(4, 100), capped, seed=0, world_size=1)) == 3
     # Two ranks, 5 packs: 3 rounds per epoch (the last padded by wrapping around), 200 tokens per round.
     two_ranks = OptimConfig(epochs=1, tokens_per_step=250)
-    assert train.plan_steps(_fake_batches(5, 100), two_ranks, seed=0, world_size=2) == [Step(0, 0, 2), Step(0, 2, 1)]
+    assert loop.plan_steps(_fake_batches(5, 100), two_ranks, seed=0, world_size=2) == [Step(0, 0, 2), Step(0, 2, 1)]
     # No budget: one step per round.
-    assert train.plan_steps(_fake_batches(5, 100), OptimConfig(epochs=1), seed=0, world_size=2) == [
+    assert loop.plan_steps(_fake_batches(5, 100), OptimConfig(epochs=1), seed=0, world_size=2) == [
         Step(0, 0, 1), Step(0, 1, 1), Step(0, 2, 1)]
 
 
@@ -332,7 +333,7 @@ def test_accumulated_steps_reach_the_token_budget_and_cover_the_epoch(tmp_path):
     args = ["sft", *tiny_args(tmp_path, "accum", steps=2), "--optim.tokens_per_step", str(budget)]
     assert train.main(args) == 0
     records = read_metrics(tmp_path / "accum")
-    packing = json.loads((tmp_path / "accum" / train.METRICS_FILE).read_text().splitlines()[0])
+    packing = json.loads((tmp_path / "accum" / layout.METRICS_FILE).read_text().splitlines()[0])
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     # Step 1 adds packs until the budget is reached: two of them. Step 2 takes what is left of the epoch,
     # less than the budget; together the two steps saw every scored token of the epoch once.
@@ -351,7 +352,7 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
 def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
     # gloo DDP: every rank takes its share of each step's packs; only rank 0 logs and saves.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pvfast.train.recipe", "sft", *tiny_args(tmp_path, "ddp", steps=2)]
+           "-m", "pvfast.train", "sft", *tiny_args(tmp_path, "ddp", steps=2)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -360,20 +361,20 @@ def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     # No token budget: each optimizer step is one round, one pack per rank.
     assert all(r["micro_batches"] == 1 for r in records)
-    assert (out / train.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert (out / layout.ADAPTER_DIR / "adapter_model.safetensors").is_file()
 
 
 def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path, capsys):
     """A forgotten --run.resume must not delete a long run: refused (exit 2) unless --run.overwrite."""
-    from pvfast.config.stages import RunConfig
+    from pvfast.config.sections import RunConfig
     from pvfast.train.distributed import setup_distributed
 
     old = tmp_path / "checkpoints" / "step-000007"
     old.mkdir(parents=True)
     (old / "COMPLETE").write_text("{}")
     ctx = setup_distributed("cpu")
-    log = train.MetricsLog(tmp_path, ctx.is_main)
-    with pytest.raises(train.BadInput, match="--run.resume to continue it, --run.overwrite"):
+    log = metrics_log.MetricsLog(tmp_path, ctx.is_main)
+    with pytest.raises(errors.BadInput, match="--run.resume to continue it, --run.overwrite"):
         train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path)), ctx, log)
     assert old.is_dir()
     train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path), overwrite=True), ctx, log)
@@ -383,4 +384,4 @@ def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path,
     (old / "COMPLETE").write_text("{}")
     code = train.main(["sft", "--preset", "tiny", "--run.overwrite", "false", "--run.output_dir",
                        str(tmp_path), "--optim.max_steps", "1"])
-    assert code == train.EXIT_BAD_INPUT and old.is_dir()
+    assert code == errors.EXIT_BAD_INPUT and old.is_dir()

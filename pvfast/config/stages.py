@@ -1,4 +1,4 @@
-"""Run configuration of ``python -m pvfast.train.recipe``: one dataclass per stage, named presets, file + CLI overrides.
+"""Run configuration of ``python -m pvfast.train``: one dataclass per stage, named presets, file + CLI overrides.
 
 A stage config is composed of sections; every constant is a field whose default is documented inline::
 
@@ -6,7 +6,7 @@ A stage config is composed of sections; every constant is a field whose default 
     POStageConfig        model  data  optim  run  pairs  po   sft_adapter
     PipelineStageConfig  model  data  optim  run  sft  pairs  po          (SFT -> pairs -> PO -> evaluation)
 
-The objective settings are the classes of :mod:`pvfast.objectives.losses` (``TabpoConfig``, ``DpoConfig``, ...,
+The objective settings are the classes of :mod:`pvfast.objectives.config` (``TabpoConfig``, ``DpoConfig``, ...,
 ``SftConfig``) and pair generation is :class:`pvfast.data.pairs.PairConfig`, nested as they are.
 ``po.objective`` names the objective; ``po.objective_config`` is that objective's config, started from its
 defaults or, for TAB-PO, from the preset named by ``po.preset`` ("released", "paper", "paper_b085").
@@ -23,11 +23,11 @@ the key, the expected type and the value. Changing ``po.objective`` or ``po.pres
 
 Command lines::
 
-    python -m pvfast.train.recipe                                     # pipeline, preset "tiny": CPU, minutes
-    python -m pvfast.train.recipe sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
-    python -m pvfast.train.recipe po --preset llama-3.1-8b --config run.yaml --sft_adapter runs/sft/adapter \
+    python -m pvfast.train                                     # pipeline, preset "tiny": CPU, minutes
+    python -m pvfast.train sft --preset qwen2.5-1.5b --data.train train.jsonl --data.validation val.jsonl
+    python -m pvfast.train po --preset llama-3.1-8b --config run.yaml --sft_adapter runs/sft/adapter \
         --po.objective dpo --po.objective_config.beta 0.3
-    python -m pvfast.train.recipe pipeline --preset tiny --model.quant nf4 --optim.lr=1e-3 --run.resume
+    python -m pvfast.train pipeline --preset tiny --model.quant nf4 --optim.lr=1e-3 --run.resume
 
 Values: bools ``true/false/1/0/yes/no``; ``none``/``null`` for optional fields; tuples as comma lists
 (``--model.lora_targets q_proj,v_proj``); a bare ``--key`` means ``true``. Dashes in keys read as
@@ -50,13 +50,10 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
-from pvfast.data.codebook import PUBLISHED_N_MESSAGES
-from pvfast.data.pairs import PairConfig
-from pvfast.model.generation import GenerationConfig
-from pvfast.model.tiny import LORA_TARGETS
-from pvfast.objectives.losses import OBJECTIVES, ObjectiveConfig, SftConfig, TabpoConfig
-from pvfast.objectives.losses import PRESETS as TABPO_PRESETS
-from pvfast.objectives.losses import default_config as default_objective_config
+from pvfast.config.sections import DataConfig, ModelConfig, OptimConfig, PairConfig, RunConfig, _type_hints
+from pvfast.objectives.config import OBJECTIVE_CONFIGS, PREFERENCE_OBJECTIVES, ObjectiveConfig, SftConfig, TabpoConfig
+from pvfast.objectives.config import PRESETS as TABPO_PRESETS
+from pvfast.objectives.config import default_config as default_objective_config
 
 STAGES = ("sft", "po", "pipeline")
 DEFAULT_STAGE = "pipeline"
@@ -64,13 +61,8 @@ DEFAULT_PRESET = "tiny"  # what parse_cli picks when neither --preset nor --conf
 NO_PRESET = "none"  # --preset none: the plain dataclass defaults (the SPEC §6 recipe, tiny model)
 
 #: Objectives the ``po`` section accepts: every registered pairwise objective (SFT is the ``sft`` section's).
-PREFERENCE_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if spec.pair_terms is not None)
 
-#: Whether model loading may run code shipped with a checkpoint. Always False: pvfast loads only the
-#: architectures transformers itself implements, from safetensors; this is deliberately not a field.
-TRUST_REMOTE_CODE = False
 
-_GENERATION_DEFAULTS = GenerationConfig()
 
 
 class ConfigError(ValueError):
@@ -82,150 +74,9 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _require(config, name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {getattr(config, name)!r}")
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_choices(config) -> None:
-    """Raise if a Literal-typed field holds a value outside its choices (direct construction included)."""
-    for name, hint in _type_hints(type(config)).items():
-        if typing.get_origin(hint) is Literal:
-            value = getattr(config, name)
-            if value not in typing.get_args(hint):
-                raise ValueError(f"{type(config).__name__}.{name} must be one of {typing.get_args(hint)}, "
-                                 f"got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The base model and its adapter; defaults are the published recipe (SPEC §6).
-
-    ``trust_remote_code`` is not a field: it is always False (:data:`TRUST_REMOTE_CODE`).
-    """
-
-    name_or_path: str | None = None  # local directory or hub id; None = the embedded tiny model (pvfast.model.tiny)
-    tiny_arch: Literal["qwen2", "llama"] = "qwen2"  # which embedded tiny model, used when name_or_path is None
-    # nf4: 4-bit NF4 weights with double quantization, compute in bf16 on GPU and fp32 on CPU
-    quant: Literal["none", "nf4"] = "nf4"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights/compute dtype; auto = bf16 on CUDA, fp32 on CPU
-    lora_r: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA scale α (the update is scaled by α / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters: all 7 attention/MLP projections
-    gradient_checkpointing: bool = True  # recompute activations in backward: memory for ~30 % more compute
-    attn_implementation: Literal["sdpa", "flex_attention", "eager"] = "sdpa"  # flex_attention: block masks, GPU
-
-    def __post_init__(self) -> None:
-        _check_choices(self)
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if self.name_or_path is not None and not self.name_or_path.strip():
-            raise ValueError("ModelConfig.name_or_path must be a directory or hub id, or None for the tiny model")
-        _require(self, "lora_r", self.lora_r >= 1, ">= 1")
-        _require(self, "lora_alpha", self.lora_alpha > 0, "> 0")
-        _require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
-        _require(self, "lora_targets", len(self.lora_targets) > 0 and all(self.lora_targets),
-                 "a non-empty list of module names")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where examples come from and how they are tokenized and packed."""
-
-    train: str | None = None  # JSONL of examples (sft, pipeline) or preference records (po); None = synthetic
-    validation: str | None = None  # JSONL of examples for pair generation (SPEC §4); None = synthetic split
-    test: str | None = None  # JSONL of examples for the final evaluation; None = synthetic test split
-    synthetic_n: int = PUBLISHED_N_MESSAGES  # messages in the embedded synthetic corpus (the published count)
-    synthetic_seed: int = 0  # seed of the synthetic corpus and of its 80/10/10 train/validation/test split
-    template: str | None = None  # user-prompt template file; None = the built-in pvfast/data/templates/pvminer_user.txt
-    skip_invalid: bool = False  # False: a malformed record stops the run before any compute; True: skip, count it
-    token_budget: int = 16384  # tokens per micro-batch pack (prefix tree: shared instruction counted once)
-    truncate: bool = False  # False: a completion over max_completion_tokens is an error; True: cut it there
-    max_completion_tokens: int = 1024  # longest completion accepted (the generation cap of evaluation, SPEC §5)
-
-    def __post_init__(self) -> None:
-        _require(self, "synthetic_n", self.synthetic_n >= 3, ">= 3 (one message per split at least)")
-        _require(self, "token_budget", self.token_budget >= 1, ">= 1")
-        _require(self, "max_completion_tokens", self.max_completion_tokens >= 1, ">= 1")
-        for name in ("train", "validation", "test", "template"):
-            value = getattr(self, name)
-            _require(self, name, value is None or bool(value.strip()), "a file path or None")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW, learning-rate schedule and steps; in the pipeline both the SFT and the PO stage use it."""
-
-    lr: float = 2e-4  # peak learning rate (SPEC §6)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA weights
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (β1, β2), torch's defaults
-    eps: float = 1e-8  # AdamW ε, torch's default
-    fused: bool = True  # torch's fused AdamW kernel when the parameters are on CUDA (ignored on the CPU)
-    warmup_ratio: float = 0.1  # linear warmup over this fraction of the optimizer steps (SPEC §6: 10 %)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay to 0 after warmup (constant: none)
-    epochs: int = 3  # passes over the training data (SPEC §6)
-    max_steps: int | None = None  # stop after this many optimizer steps; None = run all epochs
-    grad_clip: float | None = 1.0  # clip the global gradient norm to this; None = no clipping
-    # Gradient accumulation by token budget: sum micro-batches until at least this many scored (completion)
-    # tokens, then step; None = one optimizer step per micro-batch pack.
-    tokens_per_step: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_choices(self)
-        object.__setattr__(self, "betas", tuple(self.betas))
-        _require(self, "lr", self.lr > 0, "> 0")
-        _require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
-        _require(self, "betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-                 "two numbers in [0, 1)")
-        _require(self, "eps", self.eps > 0, "> 0")
-        _require(self, "warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)")
-        _require(self, "epochs", self.epochs >= 1, ">= 1")
-        _require(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None")
-        _require(self, "grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or None")
-        _require(self, "tokens_per_step", self.tokens_per_step is None or self.tokens_per_step >= 1, ">= 1 or None")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Output, device, logging, checkpoints and evaluation."""
-
-    output_dir: str = "runs/pvfast"  # adapters, checkpoints, metrics.jsonl, plots, config and eval report
-    seed: int = 0  # seeds torch, Python and the data order; CPU runs are deterministic for a given seed
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else the CPU
-    log_every: int = 10  # optimizer steps between metric lines (metrics.jsonl and the progress bar)
-    save_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
-    keep_last: int = 2  # checkpoints kept on disk; older ones are deleted after a new one is complete
-    resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    # A fresh (not --run.resume) run into a directory holding an earlier run's checkpoints is refused unless
-    # overwrite is set, so a forgotten --run.resume never deletes a long run; the "tiny" demo preset sets it.
-    overwrite: bool = False
-    merge_adapter: bool = False  # also write the adapter merged into full-precision base weights at the end
-    # Time-boxed runs: end this invocation after this many optimizer steps (counted from where it started),
-    # with a checkpoint; --run.resume continues exactly. None = run to the end.
-    stop_after_steps: int | None = None
-    evaluate: bool = True  # generate and score on the test split at the end (SPEC §5)
-    eval_max_new_tokens: int = _GENERATION_DEFAULTS.max_new_tokens  # generation cap (SPEC §5: 1024)
-    eval_batch_size: int = _GENERATION_DEFAULTS.batch_size  # prompts per generate call
-    eval_max_examples: int | None = None  # evaluate the first N test examples; None = all of them
-
-    def __post_init__(self) -> None:
-        _check_choices(self)
-        _require(self, "output_dir", bool(self.output_dir.strip()), "a directory path")
-        for name in ("log_every", "save_every", "keep_last", "eval_max_new_tokens", "eval_batch_size"):
-            _require(self, name, getattr(self, name) >= 1, ">= 1")
-        _require(self, "stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
-                 ">= 1 or None")
-        _require(self, "eval_max_examples", self.eval_max_examples is None or self.eval_max_examples >= 1,
-                 ">= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -261,7 +112,7 @@ class POSection:
             if self.preset not in TABPO_PRESETS:
                 raise ValueError(f"POSection.preset must be one of {sorted(TABPO_PRESETS)} or None, "
                                  f"got {self.preset!r}")
-        expected = OBJECTIVES[self.objective].config_cls
+        expected = OBJECTIVE_CONFIGS[self.objective]
         if type(self.objective_config) is not expected:
             raise TypeError(f"POSection.objective_config: objective {self.objective!r} takes "
                             f"{expected.__name__}, got {type(self.objective_config).__name__}")
@@ -281,7 +132,7 @@ class POSection:
 
 @dataclass(frozen=True)
 class SFTStageConfig:
-    """``python -m pvfast.train.recipe sft``: supervised fine-tuning on the gold completions."""
+    """``python -m pvfast.train sft``: supervised fine-tuning on the gold completions."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -292,7 +143,7 @@ class SFTStageConfig:
 
 @dataclass(frozen=True)
 class POStageConfig:
-    """``python -m pvfast.train.recipe po``: preference optimization from an SFT adapter."""
+    """``python -m pvfast.train po``: preference optimization from an SFT adapter."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -307,7 +158,7 @@ class POStageConfig:
 
 @dataclass(frozen=True)
 class PipelineStageConfig:
-    """``python -m pvfast.train.recipe pipeline``: SFT -> confusion-aware pairs (SPEC §4) -> PO -> evaluation."""
+    """``python -m pvfast.train pipeline``: SFT -> confusion-aware pairs (SPEC §4) -> PO -> evaluation."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -350,7 +201,7 @@ def _published_preset(name: str, model_id: str) -> dict:
     return {"model": {"name_or_path": model_id, "dtype": "bf16"}, "run": {"output_dir": f"runs/{name}"}}
 
 
-# The embedded tiny model on the synthetic corpus, sized so that `python -m pvfast.train.recipe` (pipeline) ends in
+# The embedded tiny model on the synthetic corpus, sized so that `python -m pvfast.train` (pipeline) ends in
 # a few minutes on 2 CPU cores. Measured on such a machine: one forward+backward of the tiny Qwen2 over an
 # 8192-token pack takes ~8 s; the tiny tokenizer's prompt is ~3.5k tokens (the instruction, shared once per
 # pack) and a completion ~120 tokens (max ~420), so a pack holds ~25 SFT examples or ~8 preference groups.
@@ -806,7 +657,7 @@ def format_config(cfg) -> str:
     return f"# pvfast {stage_of(cfg)} config\n{body}"
 
 
-USAGE = """usage: python -m pvfast.train.recipe [sft|po|pipeline] [--config FILE] [--preset NAME] [--key value ...]
+USAGE = """usage: python -m pvfast.train [sft|po|pipeline] [--config FILE] [--preset NAME] [--key value ...]
 
   stage        sft | po | pipeline (default: pipeline)
   --config     YAML or JSON file of nested sections (a saved config.json reloads as is)
@@ -839,7 +690,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[str, str | None, str | None, list[st
     """Split ``[stage] [--config FILE] [--preset NAME] [--key value ...]`` into its parts.
 
     The stage defaults to "pipeline". With neither ``--preset`` nor ``--config`` the preset is
-    :data:`DEFAULT_PRESET` ("tiny"), so a bare ``python -m pvfast.train.recipe`` runs the CPU demo; pass
+    :data:`DEFAULT_PRESET` ("tiny"), so a bare ``python -m pvfast.train`` runs the CPU demo; pass
     ``--preset none`` for the plain defaults. ``--help`` / ``--help-keys`` print usage and exit.
 
     Returns:

@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from pvfast.data import io
-from pvfast.data.codebook import (
-    NONE_SUBCODE,
-    PUBLISHED_N_MESSAGES,
-    PUBLISHED_SUBCODE_COUNTS,
-)
+from pvfast.data.codebook import NONE_SUBCODE, PUBLISHED_N_MESSAGES, PUBLISHED_SUBCODE_COUNTS
 from pvfast.data.jsonfmt import serialize
+from pvfast.data.roles import ROLE_NAMES
 from pvfast.data.synth import write_corpus
-from pvfast.objectives.weights import ROLE_NAMES, TokenWeightConfig
+from pvfast.objectives.config import TokenWeightConfig
 
 
 def _common_prefix_length(sequences: list[np.ndarray]) -> int:

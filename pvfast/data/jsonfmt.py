@@ -19,14 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from pvfast.data.codebook import (
-    CODES,
-    NONE_SUBCODE,
-    SUBCODES,
-    canonical_code,
-    canonical_subcode,
-    is_valid_pair,
-)
+from pvfast.data.codebook import CODES, NONE_SUBCODE, SUBCODES, canonical_code, canonical_subcode, is_valid_pair
 from pvfast.data.records import Annotation
 
 #: Text the published models emit after the JSON; generation stops there.

@@ -1,6 +1,6 @@
 """Confusion-aware preference pairs (SPEC §4): mine the SFT model's label confusions, make rejected outputs.
 
-Pipeline (``python -m pvfast.data.pairs``):
+Pipeline (``python -m pvfast.pairs``):
 
 1. Greedy predictions of the SFT model on the validation split: generated here with
    :func:`pvfast.model.generation.generate_completions` (``--model``), or read from a ``{"id", "output"}``
@@ -51,9 +51,9 @@ Reproducibility: every draw of (example, strategy, k-th occurrence) uses its own
 
 Run commands::
 
-    python -m pvfast.data.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
+    python -m pvfast.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
         --predictions val-preds.jsonl --out data/prefs.jsonl
-    python -m pvfast.data.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
+    python -m pvfast.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
         --model runs/sft-merged --save-predictions val-preds.jsonl --out data/prefs.jsonl \\
         --strategies label label missing extra --seed 1
 
@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pvfast.config.sections import PairConfig
 from pvfast.data.codebook import (
     CODES,
     NONE_SUBCODE,
@@ -85,37 +86,7 @@ from pvfast.data.jsonfmt import parse_output, serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
 from pvfast.eval.metrics import code_labels, greedy_span_matching, subcode_labels
 
-STRATEGIES = ("label", "missing", "extra")
 _WORD_RE = re.compile(r"\w+")
-
-
-@dataclass(frozen=True)
-class PairConfig:
-    """How rejected outputs are made (SPEC §4)."""
-
-    seed: int = 0  # base seed; each (example, strategy, k) draw gets Random(f"{seed}:{id}:{strategy}:{k}")
-    strategies: tuple[str, ...] = STRATEGIES  # one rejected output per entry; repeat a name for more draws
-    subcode_confusion_prob: float = 0.5  # 'label': chance to change the Sub-code rather than the Code
-    smoothing: float = 0.0  # add-α on every off-diagonal confusion count before normalising (0: none)
-    extra_span_words: tuple[int, int] = (1, 6)  # 'extra': min and max words of the spurious span
-    include_empty: bool = True  # examples with no gold triples get an 'extra' rejected (else skipped)
-    max_redraws: int = 20  # 'extra': redraws when the new triple equals a gold one
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "strategies", tuple(self.strategies))
-        object.__setattr__(self, "extra_span_words", tuple(self.extra_span_words))
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if not self.strategies or unknown:
-            raise ValueError(f"PairConfig.strategies must be a non-empty list of {STRATEGIES}, got {self.strategies}")
-        if not 0.0 <= self.subcode_confusion_prob <= 1.0:
-            raise ValueError(f"PairConfig.subcode_confusion_prob must be in [0, 1], got {self.subcode_confusion_prob}")
-        if self.smoothing < 0:
-            raise ValueError(f"PairConfig.smoothing must be >= 0, got {self.smoothing}")
-        lo, hi = self.extra_span_words
-        if not 1 <= lo <= hi:
-            raise ValueError(f"PairConfig.extra_span_words must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
-        if self.max_redraws < 1:
-            raise ValueError(f"PairConfig.max_redraws must be >= 1, got {self.max_redraws}")
 
 
 # ----------------------------------------------------------------------------------------------------

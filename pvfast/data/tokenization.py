@@ -49,15 +49,8 @@ from typing import Sequence
 import numpy as np
 
 from pvfast.data.jsonfmt import value_spans
-from pvfast.objectives.weights import (
-    ROLE_BY_NAME,
-    ROLE_CODE,
-    ROLE_PROMPT,
-    ROLE_SCAFFOLD,
-    ROLE_SPAN,
-    ROLE_SUBCODE,
-    TokenWeightConfig,
-)
+from pvfast.data.roles import ROLE_BY_NAME, ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
+from pvfast.objectives.config import TokenWeightConfig
 
 
 @dataclass

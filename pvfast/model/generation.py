@@ -25,26 +25,17 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from pvfast.config.sections import GenerationConfig
 from pvfast.data.jsonfmt import STOP_TEXT
 from pvfast.data.records import Example
 
 #: End-of-turn tokens of common chat templates (ChatML / Qwen, Llama 3); used when in the vocabulary.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Greedy decoding settings of evaluation (SPEC §5)."""
-
-    batch_size: int = 8  # prompts per generate call
-    max_new_tokens: int = 1024  # SPEC §5: max 1024 new tokens
-    stop_text: str = STOP_TEXT  # generation also stops when the text ends with this
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -202,7 +193,7 @@ def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.Pa
 
 
 def add_generation_arguments(parser) -> None:
-    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.data.pairs``."""
+    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.pairs``."""
     parser.add_argument("--template", type=Path, help="prompt template file (pvfast.data.prompt.PromptTemplate)")
     parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pvfast.config.stages import TRUST_REMOTE_CODE, ModelConfig
+from pvfast.config.sections import TRUST_REMOTE_CODE, ModelConfig
 
 
 class ModelLoadError(RuntimeError):

@@ -38,7 +38,6 @@ from pvfast.atomic import atomic_dir
 
 ARCHS = ("llama", "qwen2")
 QUANTS = ("none", "nf4")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ChatML special tokens; the first one is both BOS and padding (as GPT-2 does: the tiny tokenizer
 # never adds BOS by itself, the chat template writes all turn markers).
@@ -114,14 +113,7 @@ def _cache_key(recipe: TinyRecipe) -> str:
 
 def build_tokenizer(recipe: TinyRecipe = DEFAULT_RECIPE):
     """Train the byte-level BPE tokenizer (deterministic) and wrap it in ``PreTrainedTokenizerFast``."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())

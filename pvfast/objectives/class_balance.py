@@ -25,44 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from dataclasses import dataclass
 from typing import Sequence, Union
 
 from pvfast.data.codebook import NONE_SUBCODE
 from pvfast.data.records import Annotation, Example, PreferenceRecord
-
-LEVELS = ("code", "subcode")
-COMBINE_MODES = ("mean", "max", "geometric")
+from pvfast.objectives.config import LEVELS, ClassBalanceConfig
 
 # One example's gold annotations, as an Example or as a plain sequence of Annotation.
 AnnotatedExample = Union[Example, Sequence[Annotation]]
-
-
-@dataclass(frozen=True)
-class ClassBalanceConfig:
-    """Effective-number class balance; off by default (the released training code's setting)."""
-
-    enabled: bool = False  # CB switch: off -> every example weight c_i = 1
-    b: float = 0.99  # effective-number constant in [0, 1); published sweeps: 0.99 0.95 0.93 0.92 0.90 0.85 0.80
-    levels: tuple[str, ...] = LEVELS  # label levels used; the published sweeps used ("subcode",) only
-    combine: str = "mean"  # how the code- and sub-code-level weights combine: mean | max | geometric
-    cap: float = 3.0  # upper bound on c_i, applied before and after renormalising to mean 1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "levels", tuple(self.levels))
-        if not 0.0 <= self.b < 1.0:
-            raise ValueError(f"ClassBalanceConfig.b must be in [0, 1), got {self.b}")
-        if not self.levels or any(level not in LEVELS for level in self.levels):
-            raise ValueError(f"ClassBalanceConfig.levels must be a non-empty subset of {LEVELS}, "
-                             f"got {self.levels}")
-        if len(set(self.levels)) != len(self.levels):
-            raise ValueError(f"ClassBalanceConfig.levels repeats a level: {self.levels}")
-        if self.combine not in COMBINE_MODES:
-            raise ValueError(f"ClassBalanceConfig.combine must be one of {COMBINE_MODES}, "
-                             f"got {self.combine!r}")
-        if not self.cap >= 1.0:
-            # A cap below 1 would make the renormalised mean-1 weights impossible to respect.
-            raise ValueError(f"ClassBalanceConfig.cap must be >= 1.0, got {self.cap}")
 
 
 def _annotations_of(example: AnnotatedExample, index: int) -> Sequence[Annotation]:
@@ -146,9 +116,7 @@ def attach_class_balance(
     JSON), and a chosen completion that does not parse cleanly is an error.
     """
     if annotations is None:
-        from pvfast.data.jsonfmt import (
-            parse_output,  # local: only this path needs the parser
-        )
+        from pvfast.data.jsonfmt import parse_output  # local: only this path needs the parser
 
         annotations = []
         for record in records:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pvfast.objectives.config import ObjectiveConfig
 from pvfast.objectives.losses import (
-    ObjectiveConfig,
     ObjectiveOutput,
     PairIndex,
     compute_objective,

@@ -38,14 +38,25 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pvfast.objectives.class_balance import ClassBalanceConfig
+from pvfast.objectives.config import (
+    OBJECTIVE_CONFIGS,
+    SCORES,
+    CalDpoConfig,
+    DpoConfig,
+    DpoPositiveConfig,
+    IpoConfig,
+    ObjectiveConfig,
+    SftConfig,
+    SimpoConfig,
+    TabpoConfig,
+    objective_config_class,
+)
 from pvfast.objectives.stats import (
     COUNT,
     GATED_COUNT,
@@ -56,12 +67,8 @@ from pvfast.objectives.stats import (
     STAT_FIELDS,
     WEIGHT_SUM,
     WLOGP_SUM,
-    log_tau,
     segment_stats_reference,
 )
-from pvfast.objectives.weights import TokenWeightConfig
-
-SCORES = ("sum", "mean", "weighted_mean")
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -257,175 +264,6 @@ def repeat_per_pair(values: torch.Tensor, num_rejected: Sequence[int]) -> torch.
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Settings every objective shares: the TW and CB switches and the token weights they govern."""
-
-    token_weighting: bool = False  # TW: False -> every token weight is 1 (see effective_token_weights)
-    token_weights: TokenWeightConfig = TokenWeightConfig()  # role and diff weights used when TW is on
-    class_balance: ClassBalanceConfig = ClassBalanceConfig()  # CB: enabled=False -> every c_p = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.token_weights, TokenWeightConfig):
-            raise TypeError(f"{type(self).__name__}.token_weights: expected TokenWeightConfig, "
-                            f"got {type(self.token_weights).__name__}")
-        if not isinstance(self.class_balance, ClassBalanceConfig):
-            raise TypeError(f"{type(self).__name__}.class_balance: expected ClassBalanceConfig, "
-                            f"got {type(self.class_balance).__name__}")
-
-
-def _check_positive(config: ObjectiveConfig, name: str) -> None:
-    value = getattr(config, name)
-    if not value > 0:
-        raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {value}")
-
-
-def _check_score(config: ObjectiveConfig) -> None:
-    if config.score not in SCORES:
-        raise ValueError(f"{type(config).__name__}.score must be one of {SCORES}, got {config.score!r}")
-
-
-@dataclass(frozen=True)
-class TabpoConfig(ObjectiveConfig):
-    """TAB-PO (SPEC §3). Defaults are the released training code's (preset "released")."""
-
-    token_weighting: bool = True  # TW switch: s(y) and the barrier use the role/diff token weights
-    beta: float = 0.5  # β, inverse temperature of the preference term −log σ(β h)
-    tau: float = 0.66  # τ, confidence gate: chosen token t is gated when ℓ_t < log τ (stats use it)
-    barrier_weight: float = 0.5  # λ, weight of the barrier term in the total loss
-    confidence_gate: bool = True  # CG switch: False drops the barrier (L = preference term only)
-    # Rescale each chosen completion's weights to mean 1 over its n scored tokens (w̃ = w·n/Σw) before the
-    # barrier's max(1, ·) clamp; s(y) is scale-invariant, so only the barrier changes (SPEC §3).
-    normalize_barrier_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        log_tau(self.tau)  # raises unless 0 < tau <= 1
-        if not self.barrier_weight >= 0:
-            raise ValueError(f"TabpoConfig.barrier_weight must be >= 0, got {self.barrier_weight}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TabpoConfig":
-        """A named preset (see :data:`PRESETS`), with optional field overrides."""
-        if name not in PRESETS:
-            raise KeyError(f"unknown TAB-PO preset {name!r}; known presets: {sorted(PRESETS)}")
-        return _replace(PRESETS[name], **overrides)
-
-
-@dataclass(frozen=True)
-class DpoConfig(ObjectiveConfig):
-    """DPO: −log σ(β h) on summed log-probs."""
-
-    beta: float = 0.1  # β; 0.1 is TRL's DPOConfig default
-    score: str = "sum"  # completion score: "sum" (DPO paper) | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
-
-
-@dataclass(frozen=True)
-class IpoConfig(ObjectiveConfig):
-    """IPO: (h − 1/(2β))² on summed log-probs (TRL's ``loss_type="ipo"`` uses score="mean")."""
-
-    beta: float = 0.1  # β (IPO's τ regulariser); 0.1 is TRL's default
-    score: str = "sum"  # completion score: "sum" | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
-
-
-@dataclass(frozen=True)
-class CalDpoConfig(ObjectiveConfig):
-    """Cal-DPO: −log σ(r_w − r_l) + (r_w − 1/(2β))² + (r_l + 1/(2β))², r = log-ratio to the reference."""
-
-    beta: float = 0.1  # β: sets the calibration targets ±1/(2β) of the chosen / rejected log-ratios
-    score: str = "sum"  # completion score: "sum" | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
-
-
-@dataclass(frozen=True)
-class DpoPositiveConfig(ObjectiveConfig):
-    """DPO-Positive (DPOP): −log σ(β(h − λ_p·max(0, −r_w))), penalising a drop of the chosen log-ratio."""
-
-    beta: float = 0.1  # β, as in DPO
-    lambda_p: float = 1.0  # λ_p, weight of the chosen-likelihood penalty (SPEC §3)
-    score: str = "sum"  # completion score: "sum" | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
-        if not self.lambda_p >= 0:
-            raise ValueError(f"DpoPositiveConfig.lambda_p must be >= 0, got {self.lambda_p}")
-
-
-@dataclass(frozen=True)
-class SimpoConfig(ObjectiveConfig):
-    """SimPO: −log σ(β(s̄_w − s̄_l) − γ) on length-averaged log-probs, no reference."""
-
-    beta: float = 2.0  # β; 2.0 as in the SimPO paper (TRL's CPOConfig defaults to 0.1)
-    gamma: float = 0.5  # γ, target reward margin (SPEC §3)
-    score: str = "mean"  # completion score: "mean" (SimPO paper) | "sum" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
-
-
-SFT_REDUCTIONS = ("token", "sequence")
-
-
-@dataclass(frozen=True)
-class SftConfig(ObjectiveConfig):
-    """SFT: weighted negative log-likelihood of the target completions.
-
-    reduction "token": L = Σ_i c_i Σ_t w_t(−ℓ_t) / Σ_i c_i Σ_t w_t, a token-weighted mean over the whole
-    batch (with unit weights: the mean NLL per token, Hugging Face's causal-LM loss).
-    reduction "sequence": L = Σ_i c_i [Σ_t w_t(−ℓ_t) / Σ_t w_t] / Σ_i c_i, each completion counted once.
-    """
-
-    token_weighting: bool = True  # TW switch: role weights on the target's tokens (no diff: no rejected)
-    reduction: str = "token"  # "token" | "sequence", see the class docstring
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.reduction not in SFT_REDUCTIONS:
-            raise ValueError(f"SftConfig.reduction must be one of {SFT_REDUCTIONS}, got {self.reduction!r}")
-
-
-def _replace(config, **overrides):
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
-    if unknown:
-        raise TypeError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
-    return dataclasses.replace(config, **overrides)
-
-
-#: Named TAB-PO settings.
-#: "released": the released training code (β 0.5, τ 0.66, λ 0.5, w_diff 1.2, CB off).
-#: "paper": the paper's text: diff factor 2, weights normalised to mean ≈ 1 over active tokens (the
-#:     barrier's w̃ rescaling), τ 0.66, and its second constant 0.85 read as the barrier weight λ.
-#: "paper_b085": the other reading of 0.85, as the effective-number b of class balance (sub-code level
-#:     only, like the published sweeps); λ then stays at the released 0.5.
-PRESETS: Mapping[str, TabpoConfig] = {
-    "released": TabpoConfig(),
-    "paper": TabpoConfig(token_weights=TokenWeightConfig(w_diff=2.0), barrier_weight=0.85),
-    "paper_b085": TabpoConfig(
-        token_weights=TokenWeightConfig(w_diff=2.0),
-        class_balance=ClassBalanceConfig(enabled=True, b=0.85, levels=("subcode",)),
-    ),
-}
-
-
 def effective_token_weights(weights: torch.Tensor, config: ObjectiveConfig) -> torch.Tensor:
     """The token weights the statistics must be computed with under ``config`` (the TW switch).
 
@@ -591,29 +429,19 @@ class ObjectiveSpec:
     pair_terms: Callable[..., PairTerms] | None  # None for SFT (not a pairwise objective)
 
 
+_PAIR_TERMS: Mapping[str, Callable[..., PairTerms]] = {
+    "tabpo": tabpo_terms, "dpo": dpo_terms, "ipo": ipo_terms, "cal_dpo": cal_dpo_terms,
+    "dpo_positive": dpo_positive_terms, "simpo": simpo_terms,
+}
 OBJECTIVES: Mapping[str, ObjectiveSpec] = {
-    spec.name: spec
-    for spec in (
-        ObjectiveSpec("tabpo", TabpoConfig, True, tabpo_terms),
-        ObjectiveSpec("dpo", DpoConfig, True, dpo_terms),
-        ObjectiveSpec("ipo", IpoConfig, True, ipo_terms),
-        ObjectiveSpec("cal_dpo", CalDpoConfig, True, cal_dpo_terms),
-        ObjectiveSpec("dpo_positive", DpoPositiveConfig, True, dpo_positive_terms),
-        ObjectiveSpec("simpo", SimpoConfig, False, simpo_terms),
-        ObjectiveSpec("sft", SftConfig, False, None),
-    )
+    name: ObjectiveSpec(name, cls, cls.needs_reference, _PAIR_TERMS.get(name) if cls.pairwise else None)
+    for name, cls in OBJECTIVE_CONFIGS.items()
 }
 
 
 def objective_spec(name: str) -> ObjectiveSpec:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
+    objective_config_class(name)  # KeyError naming the known objectives
     return OBJECTIVES[name]
-
-
-def default_config(name: str) -> ObjectiveConfig:
-    """The default config of objective ``name``."""
-    return objective_spec(name).config_cls()
 
 
 def _example_weights(example_weights: torch.Tensor | None, n: int, config: ObjectiveConfig,

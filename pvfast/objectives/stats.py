@@ -19,9 +19,9 @@ Only ℓ_t carries a gradient: columns 0, 1 and 4 are differentiable, the others
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from pvfast.objectives.config import log_tau
 
 STAT_FIELDS = (
     "logp_sum",
@@ -34,13 +34,6 @@ STAT_FIELDS = (
 )
 NUM_STATS = len(STAT_FIELDS)
 LOGP_SUM, WLOGP_SUM, WEIGHT_SUM, COUNT, GATED_WNLL_SUM, GATED_WEIGHT_SUM, GATED_COUNT = range(NUM_STATS)
-
-
-def log_tau(tau: float) -> float:
-    """The gate threshold on log-probs; tau must lie in (0, 1]."""
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"confidence threshold tau must be in (0, 1], got {tau}")
-    return math.log(tau)
 
 
 def segment_stats_reference(

@@ -27,13 +27,10 @@ from pvfast.kernels.linear_token_logprobs import (
     LinearTokenLogprobsFunction,
     check_linear_inputs,
 )
-from pvfast.kernels.segment_stats import (
-    SegmentStatsFunction,
-    check_segment_inputs,
-    check_segment_vectors,
-)
+from pvfast.kernels.segment_stats import SegmentStatsFunction, check_segment_inputs, check_segment_vectors
 from pvfast.kernels.token_logprobs import TokenLogprobsFunction, check_logits_targets
-from pvfast.objectives.stats import NUM_STATS, log_tau
+from pvfast.objectives.config import log_tau
+from pvfast.objectives.stats import NUM_STATS
 
 IMPLS = ("auto", "triton", "cpp", "torch")
 IGNORE_INDEX = -100

@@ -65,14 +65,10 @@ import torch
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import Example, PreferenceRecord
-from pvfast.data.tokenization import (
-    token_weights,
-    tokenize_completion,
-    tokenize_pair_group,
-)
+from pvfast.data.tokenization import token_weights, tokenize_completion, tokenize_pair_group
+from pvfast.objectives.config import TokenWeightConfig
 from pvfast.objectives.fused_loss import ScoringRows
 from pvfast.objectives.losses import PairIndex
-from pvfast.objectives.weights import TokenWeightConfig
 from pvfast.packing.tree import CompletionGroup, PackedBatch, group_tree_tokens, pack
 
 KINDS = ("po", "sft")  # preference optimization (chosen/rejected pairs) | supervised fine-tuning

@@ -53,15 +53,13 @@ import numpy as np
 import torch
 
 from pvfast import atomic
+from pvfast.train.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 
-CHECKPOINTS_SUBDIR = "checkpoints"
 MANIFEST_NAME = "COMPLETE"
-ADAPTER_SUBDIR = "adapter"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 TRAIN_STATE_FILE = "train_state.json"
-CONFIG_FILE = "config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name for safetensors adapter weights
 
 FORMAT_NAME = "pvfast-checkpoint"
@@ -227,7 +225,7 @@ def config_to_dict(config: Any) -> dict:
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / CHECKPOINTS_SUBDIR
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -325,8 +323,8 @@ def _write_checkpoint_files(
     tmp: Path, state: TrainState, model, optimizer, scheduler, config: dict, rng_states: list[dict]
 ) -> None:
     """Write every checkpoint file but the manifest into ``tmp``, fsynced."""
-    model.save_pretrained(tmp / ADAPTER_SUBDIR, safe_serialization=True)
-    atomic.fsync_tree(tmp / ADAPTER_SUBDIR)
+    model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+    atomic.fsync_tree(tmp / ADAPTER_DIR)
     _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler is not None:
         _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -509,7 +507,7 @@ def load_checkpoint(
         raise CheckpointError(f"{scheduler_path}: missing (checkpoint saved without a scheduler)")
     scheduler_state = _load_pt(scheduler_path) if scheduler is not None else None
 
-    load_adapter_weights(path / ADAPTER_SUBDIR, model)
+    load_adapter_weights(path / ADAPTER_DIR, model)
     if optimizer is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
@@ -555,7 +553,7 @@ def config_differences(a: Any, b: Any) -> list[str]:
 
 def _resolve_adapter_dir(adapter_dir: Path) -> Path:
     """Accept a checkpoint directory as well as the adapter directory inside it."""
-    nested = adapter_dir / ADAPTER_SUBDIR
+    nested = adapter_dir / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file() and (nested / "adapter_config.json").is_file():
         return nested
     return adapter_dir

@@ -1,7 +1,7 @@
 """More than one process: PyTorch DDP under ``torchrun`` (NCCL on GPUs, gloo on the CPU).
 
-    torchrun --nproc_per_node 8 -m pvfast.train.recipe po ...        # one process per GPU, NCCL
-    torchrun --nproc_per_node 2 -m pvfast.train.recipe --device cpu  # two CPU processes, gloo
+    torchrun --nproc_per_node 8 -m pvfast.train po ...        # one process per GPU, NCCL
+    torchrun --nproc_per_node 2 -m pvfast.train --device cpu  # two CPU processes, gloo
 
 Every rank loads the same base model and the same LoRA init (seeded), builds the same packs in the same
 order, and takes its own share of them (:func:`shard`). After each backward DDP averages the adapter

@@ -1,0 +1,225 @@
+"""The training loop: plan the optimizer steps, run them, checkpoint; one readable function.
+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pvfast.config.sections import OptimConfig, RunConfig
+from pvfast.model.forward import lm_head_weight, packed_attention_mask
+from pvfast.objectives.fused_loss import FusedTokenPOLoss
+from pvfast.packing.loss_batch import LossBatch, epoch_order
+from pvfast.train import distributed as dist
+from pvfast.train.checkpoint import (
+    TrainState,
+    config_differences,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss
+from pvfast.train.layout import PLOT_FILE
+from pvfast.train.metrics_log import MetricsLog, _peak_memory_mb, plot_curves
+
+# Resolved-config keys that may change between a run and its resumption without a warning.
+_RESUME_KEYS_IGNORED = ("run.resume", "run.stop_after_steps")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: epoch, the first round's index in the epoch order, and how many rounds.
+
+    A round is one micro-batch per rank (rank r takes position r of the round); with one process a round
+    is one micro-batch.
+    """
+
+    epoch: int
+    cursor: int
+    rounds: int
+
+
+def plan_steps(batches: Sequence[LossBatch], optim: OptimConfig, seed: int, world_size: int) -> list[Step]:
+    """Every optimizer step of the run, a pure function of the packs, the config and the seed.
+
+    Gradient accumulation by token budget: rounds are added to a step until their scored tokens (all ranks
+    together) reach ``optim.tokens_per_step``; the last step of an epoch may be short. Planning over the
+    whole run up front gives the schedule its exact length and makes resuming a lookup.
+    """
+    plan: list[Step] = []
+    per_epoch = -(-len(batches) // world_size)
+    for epoch in range(optim.epochs):
+        order = epoch_order(len(batches), seed, epoch)
+        start, tokens = 0, 0
+        for r in range(per_epoch):
+            tokens += sum(batches[order[i % len(order)]].packed.num_scored
+                          for i in range(r * world_size, (r + 1) * world_size))
+            if optim.tokens_per_step is None or tokens >= optim.tokens_per_step or r == per_epoch - 1:
+                plan.append(Step(epoch, start, r + 1 - start))
+                start, tokens = r + 1, 0
+    return plan if optim.max_steps is None else plan[:optim.max_steps]
+
+
+def lr_multiplier(step: int, total: int, optim: OptimConfig) -> float:
+    """Linear warmup over ``warmup_ratio`` of the steps, then cosine/linear decay to 0 (or constant)."""
+    warmup = math.ceil(optim.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)  # never 0: the first step already moves the weights
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if optim.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _units(batch: LossBatch) -> int:
+    """What the batch's loss is a mean over: pairs (PO) or scored tokens (SFT)."""
+    return batch.num_pairs if batch.kind == "po" else batch.packed.num_scored
+
+
+@dataclass
+class LoopResult:
+    finished: bool  # False: stopped early by run.stop_after_steps (a checkpoint was saved)
+    state: TrainState
+
+
+def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
+               reference: Callable[[LossBatch, object], torch.Tensor] | None, optim: OptimConfig, run: RunConfig,
+               out_dir: Path, ctx, config_dict: dict, log: MetricsLog, title: str) -> LoopResult:
+    """Train ``model``'s trainable (LoRA) weights on ``batches``; checkpoints in ``out_dir``.
+
+    ``model`` is the (possibly DDP-wrapped, :func:`pvfast.train.distributed.wrap_model`) peft model;
+    ``reference(batch, mask)`` gives the (M, 7) reference statistics of a batch, None for reference-free
+    objectives.
+    """
+    inner = dist.unwrap(model)
+    device = ctx.device
+    params = [p for p in inner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                  weight_decay=optim.weight_decay,
+                                  fused=optim.fused and device.type == "cuda")  # one kernel for all tensors
+    plan = plan_steps(batches, optim, run.seed, ctx.world_size)
+    total = len(plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, optim))
+
+    state = TrainState()
+    checkpoint = latest_checkpoint(out_dir) if run.resume else None
+    if checkpoint is not None:
+        diffs = [k for k in config_differences(read_checkpoint_config(checkpoint), config_dict)
+                 if k not in _RESUME_KEYS_IGNORED]
+        if diffs:
+            warnings.warn(f"resuming {checkpoint} with a changed config: {', '.join(diffs)}", stacklevel=2)
+        state = load_checkpoint(checkpoint, inner, optimizer, scheduler, rank=ctx.rank)
+        log.say(f"resumed from {checkpoint} at step {state.step}")
+    if state.step < total and (plan[state.step].epoch, plan[state.step].cursor) != (state.epoch,
+                                                                                      state.batch_cursor):
+        raise BadInput(f"{checkpoint}: saved at epoch {state.epoch}, batch {state.batch_cursor}, which is not the "
+                       f"start of step {state.step} of this run's plan (other data or batching settings)")
+
+    # bf16 autocast on GPU only: CPU runs stay in the weights' dtype, bitwise reproducible.
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    progress = None
+    if ctx.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=state.step, desc=title, dynamic_ncols=True)
+    started_at = state.step
+    orders: dict[int, list[int]] = {}
+    model.train()
+    while state.step < total:
+        step = plan[state.step]
+        if step.epoch not in orders:
+            orders = {step.epoch: dist.shard(epoch_order(len(batches), run.seed, step.epoch), ctx)}
+        local = [batches[i] for i in orders[step.epoch][step.cursor:step.cursor + step.rounds]]
+        step_units = sum(_units(b) for b in local)
+        tick = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = pairs = 0
+        for k, cpu_batch in enumerate(local):
+            batch = cpu_batch.to(device)
+            mask = packed_attention_mask(inner, batch.packed)  # shared by the reference and policy passes
+            ref = reference(batch, mask) if reference is not None else None
+            # DDP all-reduces on the last micro-batch of the step only (one sync per optimizer step).
+            sync = contextlib.nullcontext() if k == len(local) - 1 or not hasattr(model, "no_sync") \
+                else model.no_sync()
+            with sync:
+                with autocast():
+                    hidden = dist.packed_hidden(model, batch.packed, mask)
+                    out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref,
+                                  batch.example_weights)
+                loss_value = out.loss.item()  # one sync per micro-batch: needed to refuse a NaN before it lands
+                finite = math.isfinite(loss_value)
+                if ctx.world_size > 1:  # all ranks stop together, or the others wait in the next all-reduce
+                    finite = dist.all_reduce_mean(torch.tensor(float(finite), device=device), ctx).item() == 1.0
+                if not finite:
+                    raise NonFiniteLoss(state.step + 1, cpu_batch.record_ids if not math.isfinite(loss_value)
+                                        else (), loss_value)
+                # Each micro-batch's loss is a mean over its units; weight it so the step's gradient is
+                # that of the mean over all units of the step.
+                (out.loss * (_units(cpu_batch) / step_units)).backward()
+            share = _units(cpu_batch) / step_units
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * share
+            tokens += cpu_batch.packed.tree_tokens
+            pairs += cpu_batch.num_pairs
+        grad_norm = None
+        if optim.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - tick
+
+        state.step += 1
+        state.tokens_seen += tokens * ctx.world_size
+        if state.step < total:
+            state.epoch, state.batch_cursor = plan[state.step].epoch, plan[state.step].cursor
+        else:
+            state.epoch, state.batch_cursor = optim.epochs, 0
+        if ctx.world_size > 1:  # log the mean over ranks of each metric
+            keys = sorted(sums)
+            reduced = dist.all_reduce_mean(torch.tensor([sums[k] for k in keys], device=device), ctx)
+            sums = dict(zip(keys, reduced.tolist()))
+        record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums, "micro_batches": len(local),
+                  "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
+                  "tokens_per_s": tokens * ctx.world_size / elapsed, "pairs_per_s": pairs * ctx.world_size / elapsed,
+                  "peak_mem_mb": _peak_memory_mb(device), "step_time_s": elapsed}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if state.step % run.log_every == 0 or state.step == total:
+            log.write(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "margin", "reward_accuracy",
+                                                                   "gated_fraction", "tokens_per_s", "lr")
+                                  if k in record}, refresh=False)
+
+        stop_now = run.stop_after_steps is not None and state.step - started_at >= run.stop_after_steps
+        if state.step % run.save_every == 0 or state.step == total or stop_now or STOP.signum is not None:
+            path = save_checkpoint(out_dir, state, inner, optimizer, scheduler, config_dict,
+                                   keep_last=run.keep_last, is_main_process=ctx.is_main)
+            dist.barrier(ctx)
+            if STOP.signum is not None:
+                raise Interrupted(STOP.signum, state.step, path)
+            if stop_now and state.step < total:
+                log.say(f"stopped after {run.stop_after_steps} steps (run.stop_after_steps); checkpoint {path}; "
+                        f"continue with --run.resume")
+                return LoopResult(False, state)
+    if progress is not None:
+        progress.close()
+    if ctx.is_main:
+        plot_curves(log.steps(), log.path.parent / PLOT_FILE, title)
+    return LoopResult(True, state)
