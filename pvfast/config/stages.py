@@ -50,6 +50,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
+from pvfast.config.presets import DEFAULT_PRESET, NO_PRESET, PRESETS, PUBLISHED_MODELS  # noqa: F401
 from pvfast.config.sections import DataConfig, ModelConfig, OptimConfig, PairConfig, RunConfig, _type_hints
 from pvfast.objectives.config import OBJECTIVE_CONFIGS, PREFERENCE_OBJECTIVES, ObjectiveConfig, SftConfig, TabpoConfig
 from pvfast.objectives.config import PRESETS as TABPO_PRESETS
@@ -57,8 +58,6 @@ from pvfast.objectives.config import default_config as default_objective_config
 
 STAGES = ("sft", "po", "pipeline")
 DEFAULT_STAGE = "pipeline"
-DEFAULT_PRESET = "tiny"  # what parse_cli picks when neither --preset nor --config is given
-NO_PRESET = "none"  # --preset none: the plain dataclass defaults (the SPEC §6 recipe, tiny model)
 
 #: Objectives the ``po`` section accepts: every registered pairwise objective (SFT is the ``sft`` section's).
 
@@ -180,65 +179,6 @@ def stage_of(cfg: StageConfig) -> str:
             return stage
     raise TypeError(f"not a stage config: {type(cfg).__name__}")
 
-
-# --------------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------------
-
-#: Hub ids of the published base models (SPEC §6).
-PUBLISHED_MODELS: Mapping[str, str] = {
-    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
-    "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-    "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
-}
-
-
-def _published_preset(name: str, model_id: str) -> dict:
-    # The recipe itself (NF4 double quant, LoRA r16 α32 dropout 0.05 on all 7 projections, AdamW 2e-4,
-    # warmup 10 %, 3 epochs, gradient checkpointing) is the dataclass defaults; the preset names the base
-    # model and pins bf16 compute, so a preset run never silently trains in another dtype.
-    return {"model": {"name_or_path": model_id, "dtype": "bf16"}, "run": {"output_dir": f"runs/{name}"}}
-
-
-# The embedded tiny model on the synthetic corpus, sized so that `python -m pvfast.train` (pipeline) ends in
-# a few minutes on 2 CPU cores. Measured on such a machine: one forward+backward of the tiny Qwen2 over an
-# 8192-token pack takes ~8 s; the tiny tokenizer's prompt is ~3.5k tokens (the instruction, shared once per
-# pack) and a completion ~120 tokens (max ~420), so a pack holds ~25 SFT examples or ~8 preference groups.
-_TINY_PRESET = {
-    "model": {
-        "name_or_path": None,
-        "quant": "none",  # fp32 weights: bitwise-deterministic CPU runs (nf4 works too: --model.quant nf4)
-        "dtype": "fp32",
-        "gradient_checkpointing": False,  # activations of a 2-layer, 128-wide model are small
-    },
-    "data": {
-        "synthetic_n": 120,  # 96 train / 12 validation / 12 test messages
-        "token_budget": 8192,  # see above; 16384 would quadruple the (L, L) attention cost on the CPU
-        "max_completion_tokens": 512,  # above the longest synthetic completion (~420 tiny-tokenizer tokens)
-    },
-    "optim": {
-        "lr": 1e-3,  # a random tiny model needs larger steps than a pretrained one to move in a few steps
-        "epochs": 2,  # ~4 SFT packs per epoch
-        "max_steps": 6,  # per stage: ~6 x (8 + 4 s reference) for PO
-    },
-    "run": {
-        "output_dir": "runs/tiny",
-        "overwrite": True,  # the demo may be run again and again into the same directory
-        "device": "cpu",
-        "log_every": 1,
-        "save_every": 3,
-        "eval_max_new_tokens": 256,  # the synthetic gold completions average ~120 tokens
-        "eval_batch_size": 6,  # 12-message validation and test splits: 2 generate calls each
-    },
-}
-
-#: Named presets: nested partial configs applied over the dataclass defaults (sections a stage lacks are
-#: skipped). Published bases with their recipe (SPEC §6), and "tiny" for CPU demos and integration tests.
-PRESETS: Mapping[str, Mapping[str, Any]] = {
-    **{name: _published_preset(name, model_id) for name, model_id in PUBLISHED_MODELS.items()},
-    "tiny": _TINY_PRESET,
-}
 
 #: Short command-line flags (SPEC / issue wording) and the dotted keys they stand for.
 ALIASES: Mapping[str, str] = {
