@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pvfast import atomic
+from pvfast.config.serialize import config_differences, config_to_dict
 from pvfast.model.tiny import load_tiny_tokenizer, tiny_model_dir
 from pvfast.testing import load_tiny_model
 from pvfast.train import checkpoint as ckpt
@@ -18,8 +19,6 @@ from pvfast.train.checkpoint import (
     CheckpointError,
     TrainState,
     collect_rng_state,
-    config_differences,
-    config_to_dict,
     latest_checkpoint,
     load_checkpoint,
     merge_adapter,

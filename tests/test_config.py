@@ -7,20 +7,11 @@ import json
 import pytest
 import yaml
 
+from pvfast.config.overrides import ConfigError
 from pvfast.config.sections import PairConfig
-from pvfast.config.stages import (
-    ConfigError,
-    PipelineStageConfig,
-    POStageConfig,
-    SFTStageConfig,
-    config_from_dict,
-    config_to_dict,
-    format_config,
-    load_config,
-    parse_cli,
-    save_config,
-    stage_of,
-)
+from pvfast.config.serialize import config_to_dict, save_config
+from pvfast.config.stages import PipelineStageConfig, POStageConfig, SFTStageConfig, stage_of
+from pvfast.config.trainer import config_from_dict, format_config, load_config, parse_cli
 from pvfast.objectives.config import (
     ClassBalanceConfig,
     DpoConfig,

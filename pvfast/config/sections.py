@@ -7,10 +7,10 @@ and by pair mining. Every field is checked where it is constructed, so a config 
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from pvfast.config.checks import check_choices, field_error, require
 from pvfast.data.codebook import PUBLISHED_N_MESSAGES
 from pvfast.data.jsonfmt import STOP_TEXT
 
@@ -22,25 +22,6 @@ TRUST_REMOTE_CODE = False
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 STRATEGIES = ("label", "missing", "extra")  # kinds of rejected output (SPEC §4)
-
-
-def _require(config, name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {getattr(config, name)!r}")
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_choices(config) -> None:
-    """Raise if a Literal-typed field holds a value outside its choices (direct construction included)."""
-    for name, hint in _type_hints(type(config)).items():
-        if typing.get_origin(hint) is Literal:
-            value = getattr(config, name)
-            if value not in typing.get_args(hint):
-                raise ValueError(f"{type(config).__name__}.{name} must be one of {typing.get_args(hint)}, "
-                                 f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -75,15 +56,15 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "flex_attention", "eager"] = "sdpa"  # flex_attention: block masks, GPU
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.name_or_path is not None and not self.name_or_path.strip():
-            raise ValueError("ModelConfig.name_or_path must be a directory or hub id, or None for the tiny model")
-        _require(self, "lora_r", self.lora_r >= 1, ">= 1")
-        _require(self, "lora_alpha", self.lora_alpha > 0, "> 0")
-        _require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
-        _require(self, "lora_targets", len(self.lora_targets) > 0 and all(self.lora_targets),
-                 "a non-empty list of module names")
+            raise field_error(self, "name_or_path", "must be a directory or hub id, or None for the tiny model")
+        require(self, "lora_r", self.lora_r >= 1, ">= 1")
+        require(self, "lora_alpha", self.lora_alpha > 0, "> 0")
+        require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
+        require(self, "lora_targets", len(self.lora_targets) > 0 and all(self.lora_targets),
+                "a non-empty list of module names")
 
 
 @dataclass(frozen=True)
@@ -102,12 +83,12 @@ class DataConfig:
     max_completion_tokens: int = 1024  # longest completion accepted (the generation cap of evaluation, SPEC §5)
 
     def __post_init__(self) -> None:
-        _require(self, "synthetic_n", self.synthetic_n >= 3, ">= 3 (one message per split at least)")
-        _require(self, "token_budget", self.token_budget >= 1, ">= 1")
-        _require(self, "max_completion_tokens", self.max_completion_tokens >= 1, ">= 1")
+        require(self, "synthetic_n", self.synthetic_n >= 3, ">= 3 (one message per split at least)")
+        require(self, "token_budget", self.token_budget >= 1, ">= 1")
+        require(self, "max_completion_tokens", self.max_completion_tokens >= 1, ">= 1")
         for name in ("train", "validation", "test", "template"):
             value = getattr(self, name)
-            _require(self, name, value is None or bool(value.strip()), "a file path or None")
+            require(self, name, value is None or bool(value.strip()), "a file path or None")
 
 
 @dataclass(frozen=True)
@@ -129,18 +110,18 @@ class OptimConfig:
     tokens_per_step: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         object.__setattr__(self, "betas", tuple(self.betas))
-        _require(self, "lr", self.lr > 0, "> 0")
-        _require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
-        _require(self, "betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-                 "two numbers in [0, 1)")
-        _require(self, "eps", self.eps > 0, "> 0")
-        _require(self, "warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)")
-        _require(self, "epochs", self.epochs >= 1, ">= 1")
-        _require(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None")
-        _require(self, "grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or None")
-        _require(self, "tokens_per_step", self.tokens_per_step is None or self.tokens_per_step >= 1, ">= 1 or None")
+        require(self, "lr", self.lr > 0, "> 0")
+        require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        require(self, "betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                "two numbers in [0, 1)")
+        require(self, "eps", self.eps > 0, "> 0")
+        require(self, "warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)")
+        require(self, "epochs", self.epochs >= 1, ">= 1")
+        require(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None")
+        require(self, "grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or None")
+        require(self, "tokens_per_step", self.tokens_per_step is None or self.tokens_per_step >= 1, ">= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -167,14 +148,14 @@ class RunConfig:
     eval_max_examples: int | None = None  # evaluate the first N test examples; None = all of them
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        _require(self, "output_dir", bool(self.output_dir.strip()), "a directory path")
+        check_choices(self)
+        require(self, "output_dir", bool(self.output_dir.strip()), "a directory path")
         for name in ("log_every", "save_every", "keep_last", "eval_max_new_tokens", "eval_batch_size"):
-            _require(self, name, getattr(self, name) >= 1, ">= 1")
-        _require(self, "stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
-                 ">= 1 or None")
-        _require(self, "eval_max_examples", self.eval_max_examples is None or self.eval_max_examples >= 1,
-                 ">= 1 or None")
+            require(self, name, getattr(self, name) >= 1, ">= 1")
+        require(self, "stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
+                ">= 1 or None")
+        require(self, "eval_max_examples", self.eval_max_examples is None or self.eval_max_examples >= 1,
+                ">= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -193,14 +174,9 @@ class PairConfig:
         object.__setattr__(self, "strategies", tuple(self.strategies))
         object.__setattr__(self, "extra_span_words", tuple(self.extra_span_words))
         unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if not self.strategies or unknown:
-            raise ValueError(f"PairConfig.strategies must be a non-empty list of {STRATEGIES}, got {self.strategies}")
-        if not 0.0 <= self.subcode_confusion_prob <= 1.0:
-            raise ValueError(f"PairConfig.subcode_confusion_prob must be in [0, 1], got {self.subcode_confusion_prob}")
-        if self.smoothing < 0:
-            raise ValueError(f"PairConfig.smoothing must be >= 0, got {self.smoothing}")
+        require(self, "strategies", bool(self.strategies) and not unknown, f"a non-empty list of {STRATEGIES}")
+        require(self, "subcode_confusion_prob", 0.0 <= self.subcode_confusion_prob <= 1.0, "in [0, 1]")
+        require(self, "smoothing", self.smoothing >= 0, ">= 0")
         lo, hi = self.extra_span_words
-        if not 1 <= lo <= hi:
-            raise ValueError(f"PairConfig.extra_span_words must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
-        if self.max_redraws < 1:
-            raise ValueError(f"PairConfig.max_redraws must be >= 1, got {self.max_redraws}")
+        require(self, "extra_span_words", 1 <= lo <= hi, "(min, max) with 1 <= min <= max")
+        require(self, "max_redraws", self.max_redraws >= 1, ">= 1")

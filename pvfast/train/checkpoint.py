@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pvfast import atomic
+from pvfast.config.serialize import config_to_dict
 from pvfast.train.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 
 MANIFEST_NAME = "COMPLETE"
@@ -209,15 +210,6 @@ def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON-serialisable")
-
-
-def config_to_dict(config: Any) -> dict:
-    """A config (mapping or dataclass instance) as plain JSON data, the form saved in checkpoints."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping or a dataclass instance, got {type(config).__name__}")
-    return json.loads(json.dumps(config, default=_json_default))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +475,8 @@ def load_checkpoint(
     optimizer and scheduler states (None skips one), and, with ``restore_rng``, this rank's generator
     states. The manifest and every file's size and sha256 (``check_hashes``) are verified first, so a
     missing or corrupt checkpoint raises CheckpointError naming the path before anything is changed.
-    The saved config is not compared here: see ``read_checkpoint_config`` and ``config_differences``.
+    The saved config is not compared here: see ``read_checkpoint_config`` and
+    :func:`pvfast.config.serialize.config_differences`.
     """
     path = Path(path)
     manifest = _read_manifest(path)
@@ -518,33 +511,6 @@ def load_checkpoint(
     if rng_states is not None:
         restore_rng_state(rng_states[rank], source=str(path / RNG_FILE))
     return state
-
-
-# --------------------------------------------------------------------------------------------------
-# Config comparison
-
-
-def _flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def config_differences(a: Any, b: Any) -> list[str]:
-    """Dotted keys whose values differ between configs ``a`` and ``b`` (or that only one has), sorted.
-
-    Both go through the JSON form checkpoints store (``config_to_dict``), so a tuple equals a list
-    and a Path equals its string. Nested mappings are compared key by key (``"lora.r"``).
-    """
-    flat_a = _flatten(config_to_dict(a))
-    flat_b = _flatten(config_to_dict(b))
-    missing = object()  # distinguishes "absent" from a stored null
-    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k, missing) != flat_b.get(k, missing))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,16 @@ EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_SIGNAL_BASE = 128  # + signal number: 130 for SIGINT, 143 for SIGTERM (the shell convention)
 
+#: Every exit status with its meaning, as ``python -m pvfast.train --help`` lists them.
+EXIT_CODES = {
+    EXIT_OK: "done (or stopped by run.stop_after_steps with a checkpoint)",
+    EXIT_MODEL: "the model cannot be loaded",
+    EXIT_BAD_INPUT: "bad config or data (nothing was trained)",
+    EXIT_NON_FINITE: "non-finite loss or update (the last good checkpoint is kept)",
+    EXIT_SIGNAL_BASE + signal.SIGINT: "interrupted by SIGINT (Ctrl-C) after saving a checkpoint",
+    EXIT_SIGNAL_BASE + signal.SIGTERM: "interrupted by SIGTERM after saving a checkpoint",
+}
+
 
 class BadInput(Exception):
     """Config, template or data the run cannot use; printed as is, exit 2."""

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from pvfast.config.sections import OptimConfig, RunConfig
+from pvfast.config.serialize import config_differences
 from pvfast.model.forward import lm_head_weight, packed_attention_mask
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch, epoch_order
 from pvfast.train import distributed as dist
 from pvfast.train.checkpoint import (
     TrainState,
-    config_differences,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,

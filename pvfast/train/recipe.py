@@ -59,8 +59,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pvfast.config.overrides import ConfigError
 from pvfast.config.sections import DataConfig, ModelConfig, OptimConfig, PairConfig, RunConfig
-from pvfast.config.stages import ConfigError, config_to_dict, format_config, load_config, parse_cli, save_config
+from pvfast.config.serialize import config_to_dict, save_config
+from pvfast.config.trainer import format_config, load_config, parse_cli
 from pvfast.data.io import write_preferences
 from pvfast.data.jsonfmt import parse_output
 from pvfast.data.pairs import make_preference_records, tables_from_outputs, write_confusion_csv
@@ -79,6 +81,7 @@ from pvfast.train.checkpoint import latest_checkpoint, merge_adapter
 from pvfast.train.data import StageData, build_batches, load_stage_data
 from pvfast.train.errors import (
     EXIT_BAD_INPUT,
+    EXIT_CODES,
     EXIT_MODEL,
     EXIT_NON_FINITE,
     EXIT_OK,
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pvfast.train``; returns the exit status (module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        stage, config_file, preset, overrides = parse_cli(argv)
+        stage, config_file, preset, overrides = parse_cli(argv, EXIT_CODES)
         cfg = load_config(stage, config_file, overrides, preset)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
