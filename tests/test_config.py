@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Literal
 
 import pytest
 import yaml
 
+from pvfast.config.checks import FieldError, require
+from pvfast.config.cli import parse_command
 from pvfast.config.overrides import ConfigError
 from pvfast.config.sections import PairConfig
 from pvfast.config.serialize import config_to_dict, save_config
@@ -318,3 +322,133 @@ def test_help_exits(capsys):
     with pytest.raises(SystemExit):
         parse_cli(["sft", "--help-keys"])
     assert "--optim.lr" in capsys.readouterr().out
+
+
+# --- the command API (pvfast.config.cli.parse_command) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    rate: float = 0.5  # a rate in [0, 1]
+    names: tuple[str, ...] = ("a",)  # several names
+
+    def __post_init__(self) -> None:
+        require(self, "rate", 0.0 <= self.rate <= 1.0, "in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """A made-up command: every kind of field the grammar handles."""
+
+    inputs: tuple[str, ...] = ()  # input files
+    out: str | None = None  # where the result goes (required)
+    verbose: bool = False  # print more
+    include_empty: bool = True  # keep empty records
+    size: Literal["small", "large"] = "small"  # how big
+    pair: tuple[int, int] = (1, 2)  # two ints
+    section: _Section = _Section()
+
+    def check_complete(self) -> None:
+        if self.out is None:
+            raise FieldError("_Command", "out", "is required: where the result goes")
+
+
+_ALIASES = {"rate": "section.rate"}
+
+
+def _parse(argv, **kwargs):
+    return parse_command(argv, _Command, prog="python -m demo", aliases=_ALIASES, **kwargs)
+
+
+def _refusal(argv, capsys, code=2) -> str:
+    with pytest.raises(SystemExit) as info:
+        _parse(argv)
+    assert info.value.code == code
+    return capsys.readouterr().err
+
+
+def test_command_grammar():
+    cfg = _parse(["--inputs", "a.jsonl", "b.jsonl", "c.jsonl", "--out=o.json", "--verbose", "--no-include-empty",
+                  "--size", "large", "--pair", "3", "4", "--rate", "0.25", "--section.names", "x,y"])
+    assert cfg == _Command(inputs=("a.jsonl", "b.jsonl", "c.jsonl"), out="o.json", verbose=True,
+                           include_empty=False, size="large", pair=(3, 4), section=_Section(0.25, ("x", "y")))
+    # one value fills a one-item list; --no- also reaches aliased and dotted bools; dashes read as underscores
+    cfg = _parse(["--inputs", "a.jsonl", "--out", "o", "--include-empty", "false", "--no-verbose"])
+    assert cfg.inputs == ("a.jsonl",) and cfg.include_empty is False and cfg.verbose is False
+
+
+def test_command_errors_name_key_value_and_suggest(capsys):
+    err = _refusal(["--out", "o", "--sise", "large"], capsys)
+    assert "error: sise: unknown key; did you mean 'size'?" in err and "--help" in err
+    err = _refusal(["--out", "o", "--size", "larg"], capsys)
+    assert "size: expected one of 'small', 'large', got 'larg'; did you mean 'large'?" in err
+    err = _refusal(["--out", "o", "--pair", "1", "2", "3"], capsys)
+    assert "pair: expected 2 values (an int, an int), got ['1', '2', '3']" in err
+    err = _refusal(["--out", "o", "--rate", "1.5"], capsys)  # the section's own check, named by its key
+    assert "section.rate: must be in [0, 1], got 1.5 (from command line)" in err
+    err = _refusal(["--out", "o", "--no-size"], capsys)
+    assert "size" in err and "bool keys only" in err
+    err = _refusal(["--out", "o", "--no-verbose", "yes"], capsys)
+    assert "--no-verbose takes no value" in err
+    err = _refusal(["--out", "o", "--size"], capsys)
+    assert "size: needs a value" in err
+    assert "out: is required" in _refusal(["--inputs", "a"], capsys)
+    assert "expected --key value, got 'stray'" in _refusal(["stray"], capsys)
+
+
+def test_command_config_file_then_command_line(tmp_path, capsys):
+    path = tmp_path / "demo.yaml"
+    path.write_text("inputs: [a.jsonl, b.jsonl]\nout: from-file\nsection:\n  rate: 0.75\n")
+    cfg = _parse(["--config", str(path), "--out", "from-cli"])
+    assert cfg == _Command(inputs=("a.jsonl", "b.jsonl"), out="from-cli", section=_Section(rate=0.75))
+    path.write_text("section:\n  rat: 0.75\n")
+    err = _refusal(["--config", str(path)], capsys)
+    assert "section.rat: unknown key; did you mean 'section.rate'?" in err and str(path) in err
+
+
+def test_command_help_lists_keys_docs_aliases_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        _parse(["--out", "o", "--help"], description="Demo command.", exit_codes={0: "done", 2: "refused input"})
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m demo [--config FILE]") and "Demo command." in text
+    assert "--size 'small'" in text and "one of 'small', 'large'. how big" in text  # type and inline doc
+    assert "--section.rate 0.5" in text and "alias --rate" in text
+    assert "exit status:" in text and "2    refused input" in text
+
+
+def test_command_help_keys_shows_resolved_values(capsys):
+    with pytest.raises(SystemExit) as info:
+        _parse(["--rate", "0.125", "--help-keys"])  # no --out: completeness is not checked for a listing
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--section.rate 0.125  (default 0.5)" in text and "--out None" in text
+
+
+def test_train_help_lists_presets_and_exit_codes(capsys):
+    from pvfast.config.presets import PRESETS
+    from pvfast.train.errors import EXIT_BAD_INPUT, EXIT_CODES, EXIT_NON_FINITE
+
+    with pytest.raises(SystemExit):
+        parse_cli(["--help"], EXIT_CODES)
+    text = capsys.readouterr().out
+    for name in PRESETS:
+        assert f"\n  {name} " in text
+    assert f"  {EXIT_BAD_INPUT}    {EXIT_CODES[EXIT_BAD_INPUT]}" in text
+    assert f"  {EXIT_NON_FINITE}    {EXIT_CODES[EXIT_NON_FINITE]}" in text
+
+
+def test_train_help_keys_shows_the_preset_file_and_override_values(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_cli(["sft", "--preset", "tiny", "--help-keys"])
+    text = capsys.readouterr().out
+    tiny = load_config("sft", preset="tiny")
+    assert f"--optim.lr {tiny.optim.lr!r}  (default 0.0002)" in text  # the preset's value, not the default
+    assert f"--data.synthetic_n {tiny.data.synthetic_n!r}" in text
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  epochs: 5\n")
+    with pytest.raises(SystemExit):
+        parse_cli(["sft", "--preset", "tiny", "--config", str(path), "--optim.lr", "3e-5", "--help-keys"])
+    text = capsys.readouterr().out
+    assert "--optim.lr 3e-05  (default 0.0002)" in text and "--optim.epochs 5  (default 3)" in text
+    assert f"preset 'tiny' < {path} < command line" in text

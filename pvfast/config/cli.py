@@ -300,7 +300,7 @@ def parse_command(argv: Sequence[str] | None, config_class: type, *, prog: str, 
         if show_keys:
             print(format_keys(cfg, aliases, title=f"keys of {prog} (values after defaults < --config < command line):"))
             raise SystemExit(0)
-        return check_complete(cfg, "command line" if config_file is None else f"{config_file} + command line")
+        return check_complete(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         print(f"({prog} --help lists every key)", file=sys.stderr)

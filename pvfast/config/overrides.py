@@ -110,7 +110,7 @@ def describe_type(hint) -> str:
     if origin is tuple:
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {describe_type(args[0])} (comma-separated or several values)"
+            return f"a list, each {describe_type(args[0])} (comma-separated or several values)"
         return f"{len(args)} values ({', '.join(describe_type(a) for a in args)})"
     if hint is bool:
         return "a bool (true/false/1/0/yes/no)"
@@ -267,7 +267,8 @@ class _Layer:
         close_leaves = set(difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in self.known_keys],
                                                      n=3, cutoff=0.75))
         candidates += [k for k in self.known_keys if k.rsplit(".", 1)[-1] in close_leaves]
-        suggestions = list(dict.fromkeys(candidates))[:4]
+        # not the section the key is already in ("optim" for "optim.lrr")
+        suggestions = [c for c in dict.fromkeys(candidates) if not key.startswith(c + ".")][:4]
         hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else \
             f"; valid keys here: {', '.join(local)}"
         return self.error(key, f"unknown key{hint}")
@@ -344,7 +345,7 @@ def apply_updates(cfg, updates: Mapping, origin: str):
     return _Layer(origin, all_keys(cfg)).section(cfg, updates, "")
 
 
-def check_complete(cfg, origin: str = "the resolved config"):
+def check_complete(cfg):
     """Run ``cfg.check_complete()`` when the class defines it (checks that need every layer); returns cfg."""
     check = getattr(cfg, "check_complete", None)
     if check is None:
@@ -352,9 +353,9 @@ def check_complete(cfg, origin: str = "the resolved config"):
     try:
         check()
     except FieldError as err:
-        raise ConfigError(f"{err.field}: {err.problem} (in {origin})") from None
+        raise ConfigError(f"{err.field}: {err.problem}") from None
     except ValueError as err:
-        raise ConfigError(f"{err} (in {origin})") from None
+        raise ConfigError(str(err)) from None
     return cfg
 
 

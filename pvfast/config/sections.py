@@ -32,6 +32,11 @@ class GenerationConfig:
     max_new_tokens: int = 1024  # SPEC §5: max 1024 new tokens
     stop_text: str = STOP_TEXT  # generation also stops when the text ends with this
 
+    def __post_init__(self) -> None:
+        require(self, "batch_size", self.batch_size >= 1, ">= 1")
+        require(self, "max_new_tokens", self.max_new_tokens >= 1, ">= 1")
+        require(self, "stop_text", bool(self.stop_text), "a non-empty string")
+
 
 _GENERATION_DEFAULTS = GenerationConfig()
 
