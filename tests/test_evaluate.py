@@ -143,9 +143,53 @@ def test_bad_predictions_file_names_the_line(files, tmp_path, capsys):
 @pytest.mark.parametrize("flag", [["--adapter", "somewhere"], ["--limit", "2"], ["--save-predictions", "p.jsonl"]])
 def test_generation_only_flags_need_a_model(files, flag, capsys):
     data, seed0, _ = files
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["--data", data, "--predictions", seed0, *flag])
-    assert f"{flag[0]} needs --model" in capsys.readouterr().err
+    assert info.value.code == 2
+    key = flag[0].removeprefix("--").replace("-", "_")
+    assert f"error: {key}: needs --model (it only applies when generating)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--predictions", "p.jsonl"], "data: is required"),
+    (["--data", "d.jsonl"], "predictions: is required unless --model is given"),
+    (["--data", "d.jsonl", "--predictions", "p.jsonl", "--model", "m"], "predictions: cannot be combined with --model"),
+    (["--data", "d.jsonl", "--model", "m", "--adapter", "a", "b", "--save-predictions", "x"],
+     "save_predictions: needs one file per run (2), got 1"),
+    (["--data", "d.jsonl", "--model", "m", "--limit", "0"], "limit: must be >= 1 or None, got 0"),
+    (["--data", "d.jsonl", "--model", "m", "--dtype", "bf16"], "dtype: expected one of 'auto', 'float32', "),
+    (["--data", "d.jsonl", "--predictions", "p.jsonl", "--dedup-span"], "dedup_span: unknown key; did you mean "
+                                                                         "'dedup_spans'?"),
+])
+def test_refused_options_name_the_key(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(files, tmp_path, capsys):
+    data, seed0, seed1 = files
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data: {data}\npredictions: [{seed0}, {seed1}]\ndedup_spans: true\n")
+    out = tmp_path / "r.json"
+    assert main(["--config", str(config), "--no-dedup-spans", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["dedup_spans"] is False and len(report["runs"]) == 2
+    assert [r["source"] for r in report["runs"]] == [seed0, seed1]
+
+
+def test_help_lists_keys_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m pvfast.evaluate")
+    assert "--generation.max_new_tokens 1024" in text and "alias --max-new-tokens" in text
+    assert "exit status:" in text and "  2    " in text
+    with pytest.raises(SystemExit):
+        main(["--data", "d.jsonl", "--max-new-tokens", "16", "--help-keys"])
+    assert "--generation.max_new_tokens 16  (default 1024)" in capsys.readouterr().out
 
 
 def test_truncate_at_stop_text():

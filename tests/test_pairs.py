@@ -329,3 +329,61 @@ def test_main_refuses_mismatched_ids(tmp_path, corpus, capsys):
     assert "have no prediction" in err and repr(val[1].id) in err
     assert "'ghost'" in err and "not in" in err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def _pairs_files(tmp_path, corpus):
+    write_examples(tmp_path / "train.jsonl", corpus[:20])
+    write_examples(tmp_path / "val.jsonl", corpus[20:30])
+    _write_predictions(tmp_path / "preds.jsonl", [(ex.id, serialize(ex.annotations)) for ex in corpus[20:30]])
+    return ["--train", str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "val.jsonl"),
+            "--predictions", str(tmp_path / "preds.jsonl")]
+
+
+def test_main_flags_and_config_file_share_the_pair_keys(tmp_path, corpus):
+    base = _pairs_files(tmp_path, corpus)
+    flags = tmp_path / "flags.jsonl"
+    assert main([*base, "--out", str(flags), "--strategies", "label", "label", "missing", "extra", "--seed", "1",
+                 "--no-include-empty", "--extra-span-words", "2", "4", "--smoothing=0.5"]) == 0
+    expected = PairConfig(seed=1, strategies=("label", "label", "missing", "extra"), include_empty=False,
+                          extra_span_words=(2, 4), smoothing=0.5)
+    # The same settings from a --config file whose pairs block is the trainer's pairs section.
+    config = tmp_path / "pairs.yaml"
+    config.write_text("pairs:\n  seed: 1\n  strategies: [label, label, missing, extra]\n  include_empty: false\n"
+                      "  extra_span_words: [2, 4]\n  smoothing: 0.5\n")
+    from_file = tmp_path / "file.jsonl"
+    assert main([*base, "--config", str(config), "--out", str(from_file)]) == 0
+    records, _ = load_preferences(flags)
+    assert [r.to_dict() for r in records] == [r.to_dict() for r in load_preferences(from_file)[0]]
+    golds = [ex.annotations for ex in corpus[20:30]]
+    tables = confusion_tables(golds, golds)  # the predictions are the gold outputs
+    assert [r.to_dict() for r in records] == \
+        [r.to_dict() for r in make_preference_records(corpus[:20], *tables, expected)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategies", "swap"], "pairs.strategies: must be a non-empty list"),
+    (["--seeds", "1"], "seeds: unknown key; did you mean"),
+    (["--model", "m"], "predictions: cannot be combined with --model"),
+    (["--adapter", "a"], "adapter: needs --model"),
+    (["--batch-size", "0", "--model", "m", "--predictions", "none"], "generation.batch_size: must be >= 1, got 0"),
+])
+def test_main_refuses_bad_options_with_the_key(tmp_path, corpus, capsys, extra, message):
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(SystemExit) as info:
+        main([*_pairs_files(tmp_path, corpus), "--out", str(out), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and err.count("\n") == 2  # one error line and the --help hint
+    assert not out.exists()
+
+
+def test_main_requires_out_and_lists_exit_codes(tmp_path, corpus, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(_pairs_files(tmp_path, corpus))
+    assert info.value.code == 2 and "error: out: is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status:" in text and "  2    " in text and "alias --no-include-empty" not in text
+    assert "--pairs.include_empty True" in text and "alias --include-empty" in text
