@@ -1,19 +1,21 @@
-"""Trainer configs: SPEC defaults, presets, precedence, overrides, validation errors, files and round trips."""
+"""Configs: SPEC defaults, presets, precedence, overrides, validation errors, files and round trips; the engine's
+declared mechanisms, the command API (--help, --help-keys, --config) and the one config-to-dict."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
 
 from pvfast.config.checks import FieldError, require
 from pvfast.config.cli import parse_command
-from pvfast.config.overrides import ConfigError
+from pvfast.config.overrides import ConfigError, apply_updates
 from pvfast.config.sections import PairConfig
-from pvfast.config.serialize import config_to_dict, save_config
+from pvfast.config.serialize import config_differences, config_to_dict, save_config
 from pvfast.config.stages import PipelineStageConfig, POStageConfig, SFTStageConfig, stage_of
 from pvfast.config.trainer import config_from_dict, format_config, load_config, parse_cli
 from pvfast.objectives.config import (
@@ -452,3 +454,143 @@ def test_train_help_keys_shows_the_preset_file_and_override_values(tmp_path, cap
     text = capsys.readouterr().out
     assert "--optim.lr 3e-05  (default 0.0002)" in text and "--optim.epochs 5  (default 3)" in text
     assert f"preset 'tiny' < {path} < command line" in text
+
+
+# --- the engine's declared mechanisms (generic: no pvfast section is special-cased) ------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    kind: str = "circle"  # circle | square
+    size: float = 1.0  # must be > 0
+    extra: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Drawing:
+    config_restarts: ClassVar = {"shape": ("family",)}  # a new family starts its shape over
+
+    family: str = "round"  # round | angular
+    shape: _Shape = _Shape()
+    label: str = "x"
+
+    def __post_init__(self) -> None:
+        if self.family not in ("round", "angular"):
+            raise FieldError("_Drawing", "family", f"must be round or angular, got {self.family!r}")
+
+    @classmethod
+    def restart_field(cls, name, values):
+        assert name == "shape"
+        return _Shape(kind="circle" if values["family"] == "round" else "square", size=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plain:
+    """Checks that raise plain ValueErrors naming no field (like a third-party config)."""
+
+    low: int = 0
+    high: int = 10
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.step <= 0:
+            raise ValueError("the stride is not positive")
+        if self.low > self.high:
+            raise ValueError("empty range")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    drawing: _Drawing = _Drawing()
+    plain: _Plain = _Plain()
+
+
+def test_declared_restarts():
+    base = _Outer(drawing=_Drawing(shape=_Shape(kind="circle", size=5.0, extra=3)))
+    # a changed source restarts the target, then the layer's own keys for it apply
+    out = apply_updates(base, {"drawing": {"family": "angular", "shape": {"extra": 7}}}, "test")
+    assert out.drawing == _Drawing(family="angular", shape=_Shape(kind="square", size=2.0, extra=7))
+    # an unchanged source keeps the target; no source in the layer keeps it too
+    assert apply_updates(base, {"drawing": {"family": "round"}}, "test").drawing.shape.size == 5.0
+    assert apply_updates(base, {"drawing": {"label": "y"}}, "test").drawing.shape.extra == 3
+
+
+def test_field_errors_and_undeclared_checks_name_the_key():
+    message = str(_error_of(_Outer(), {"drawing": {"family": "oval"}}))
+    assert message == "drawing.family: must be round or angular, got 'oval' (from test)"
+    # a plain ValueError: the one changed field that fails on its own is named
+    assert str(_error_of(_Outer(), {"plain": {"step": "0", "high": "5"}})).startswith(
+        "plain.step: the stride is not positive")
+    # a rule only the combination breaks: the section is named
+    assert str(_error_of(_Outer(), {"plain": {"low": "8", "high": "5"}})).startswith("plain: empty range")
+
+
+def _error_of(cfg, updates) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        apply_updates(cfg, updates, "test")
+    return info.value
+
+
+def test_tabpo_preset_does_not_carry_over_to_another_objective():
+    paper = load_config("po", preset="none", overrides=["--po.preset", "paper"])
+    assert paper.po.objective_config == TabpoConfig.from_preset("paper")
+    dpo = apply_updates(paper, {"po": {"objective": "dpo"}}, "test")  # a later layer switches the objective
+    assert dpo.po.preset is None and dpo.po.objective_config == DpoConfig()
+    back = apply_updates(dpo, {"po": {"objective": "tabpo"}}, "test")
+    assert back.po.preset is None and back.po.objective_config == TabpoConfig()
+    # both in one layer: the explicit preset is kept, and refused for DPO
+    assert "po.preset: names a TAB-PO preset" in _error("po", ["--po.preset", "paper", "--po.objective", "dpo"])
+
+
+def test_trainer_grammar_extensions():
+    cfg = load_config("pipeline", preset="none", overrides=[
+        "--model.lora_targets", "q_proj", "v_proj", "--no-run.evaluate", "--no-resume", "--optim.betas", "0.8", "0.9"])
+    assert cfg.model.lora_targets == ("q_proj", "v_proj") and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.run.evaluate is False and cfg.run.resume is False
+    assert "optim.lr: needs a value (a float)" in _error("sft", ["--optim.lr"])
+    assert "bool keys only" in _error("sft", ["--no-optim.lr"])
+    assert "expected a float, got ['1', '2']" in _error("sft", ["--optim.lr", "1", "2"])
+
+
+def test_help_keys_shows_inline_docs(capsys):
+    with pytest.raises(SystemExit):
+        parse_cli(["po", "--help-keys"])
+    lines = capsys.readouterr().out.splitlines()
+    lr = lines.index(next(line for line in lines if line.startswith("  --optim.lr ")))
+    assert "a float. peak learning rate (SPEC §6)" in lines[lr + 1]
+    tau = next(i for i, line in enumerate(lines) if line.startswith("  --po.objective_config.tau "))
+    assert "confidence gate" in lines[tau + 1]
+    # a comment block above a field documents it too
+    tokens = next(i for i, line in enumerate(lines) if line.startswith("  --optim.tokens_per_step "))
+    assert "Gradient accumulation by token budget" in lines[tokens + 1]
+
+
+# --- one config-to-dict ----------------------------------------------------------------------------------
+
+
+class _Color(enum.Enum):
+    RED = "red"
+
+
+class _FakeDtype:  # stands in for torch.dtype without importing torch
+    __module__ = "torch"
+
+    def __str__(self) -> str:
+        return "torch.bfloat16"
+
+
+_FakeDtype.__name__ = "dtype"
+
+
+def test_config_to_dict_is_the_saved_json_form(tmp_path):
+    data = config_to_dict({"path": tmp_path / "x", "color": _Color.RED, "tags": {"b", "a"}, "pair": (1, 2),
+                           "nested": {3: TabpoConfig()}, "dtype": _FakeDtype()})
+    assert data["path"] == str(tmp_path / "x") and data["color"] == "red" and data["tags"] == ["a", "b"]
+    assert data["pair"] == [1, 2] and data["dtype"] == "bfloat16"
+    tabpo = data["nested"]["3"]  # JSON keys are strings
+    assert tabpo["beta"] == 0.5 and tabpo["token_weights"]["w_diff"] == 1.2 and "objective" not in tabpo
+    with pytest.raises(TypeError, match="object"):
+        config_to_dict({"fn": object()})
+    with pytest.raises(TypeError, match="mapping or a dataclass"):
+        config_to_dict([1, 2])
+    assert config_differences({"a": (1, 2), "b": {"c": 1}}, {"a": [1, 2], "b": {"c": 2}}) == ["b.c"]
