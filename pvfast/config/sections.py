@@ -1,8 +1,9 @@
 """The configuration sections shared by pvfast's commands: plain dataclasses, documented defaults, checks.
 
 Nothing here imports the library it configures (no torch, no models, no data code): these are read by
-:mod:`pvfast.config.stages` (the trainer's stage configs and presets), by the model loader, by generation
-and by pair mining. Every field is checked where it is constructed, so a config that exists is valid.
+:mod:`pvfast.config.stages` (the trainer's stage configs), :mod:`pvfast.config.commands` (evaluate, pairs),
+the model loader, generation and pair mining. Every field is checked where it is constructed
+(:mod:`pvfast.config.checks`: each refusal names its field), so a config that exists is valid.
 """
 
 from __future__ import annotations
