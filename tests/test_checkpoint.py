@@ -376,3 +376,90 @@ def test_unserialisable_config_fails_before_writing(trained, tmp_path):
         )
     assert not (tmp_path / "checkpoints").exists()
     assert config_to_dict({"dtype": torch.bfloat16}) == {"dtype": "bfloat16"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Never a non-finite checkpoint; one rule for damaged checkpoints (issue 10 items 1 and 4)
+
+
+def test_save_refuses_non_finite_weights_or_optimizer_state(trained, tmp_path):
+    from pvfast.train.errors import NonFinite
+
+    good = save_at(tmp_path, trained, 1)
+    lora = next(p for n, p in trained["model"].named_parameters() if "lora_B" in n)
+    kept = lora.detach().clone()
+    try:
+        with torch.no_grad():
+            lora[0, 0] = float("nan")
+        with pytest.raises(NonFinite, match=r"step-000002: not saved: 1 adapter weight tensors hold NaN"):
+            save_at(tmp_path, trained, 2)
+    finally:
+        with torch.no_grad():
+            lora.copy_(kept)
+    state = next(iter(trained["optimizer"].state.values()))
+    moment = state["exp_avg"]
+    kept = moment.clone()
+    try:
+        moment.view(-1)[0] = float("inf")
+        with pytest.raises(NonFinite, match=r"step-000003: not saved: 1 optimizer state tensors"):
+            save_at(tmp_path, trained, 3)
+    finally:
+        moment.copy_(kept)
+    # Nothing was written, not even a temporary; the good checkpoint is untouched and still the newest.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+    assert ckpt.find_resume_checkpoint(tmp_path).path == good
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two")
+    save_at(out, trained, 1)
+    save_at(out, trained, 2)
+    return out
+
+
+CHECKPOINT_FILES = ("COMPLETE", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                    "adapter/README.md", "optimizer.pt", "scheduler.pt", "rng.pt", "train_state.json", "config.json")
+
+
+def damage(path: Path, mode: str) -> None:
+    if mode == "delete":
+        path.unlink()
+    elif mode == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flip one byte in the middle: same size, only a hash (or the parser) can tell
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("mode", ["truncate", "flip", "delete"])
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_resume_rejects_any_damaged_file_names_it_and_uses_the_newest_good_checkpoint(two_checkpoints, tmp_path,
+                                                                                       name, mode):
+    shutil.copytree(two_checkpoints / "checkpoints", tmp_path / "checkpoints")
+    newest = tmp_path / "checkpoints" / "step-000002"
+    assert set(CHECKPOINT_FILES) == {p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()}
+    damage(newest / name, mode)
+    found = ckpt.find_resume_checkpoint(tmp_path)
+    assert found.path == tmp_path / "checkpoints" / "step-000001" and found.step == 1
+    [(rejected, why)] = found.rejected
+    assert rejected == newest
+    # The reason names the damaged file (a damaged manifest names the manifest, or the folder lacking it).
+    expected = newest / name if name != "COMPLETE" or mode != "delete" else newest
+    assert why.startswith(f"{expected}:"), why
+    # load_checkpoint applies the same verification: the damaged checkpoint is never loaded.
+    with pytest.raises(CheckpointError):
+        ckpt.verify_checkpoint(newest)
+
+
+def test_every_checkpoint_damaged_leaves_nothing_to_resume_and_says_why(two_checkpoints, tmp_path):
+    shutil.copytree(two_checkpoints / "checkpoints", tmp_path / "checkpoints")
+    damage(tmp_path / "checkpoints" / "step-000002" / "optimizer.pt", "flip")
+    damage(tmp_path / "checkpoints" / "step-000001" / "rng.pt", "truncate")
+    found = ckpt.find_resume_checkpoint(tmp_path)
+    assert found.path is None and found.step == 0
+    assert [p.name for p, _ in found.rejected] == ["step-000002", "step-000001"]
+    assert "optimizer.pt: sha256 differs" in found.rejected[0][1]
+    assert "rng.pt" in found.rejected[1][1] and "truncated" in found.rejected[1][1]
+    assert ckpt.find_resume_checkpoint(tmp_path / "fresh") == ckpt.ResumePoint(None, ())

@@ -16,10 +16,17 @@ A checkpoint is one directory under ``<output_dir>/checkpoints/``::
 Atomicity: everything is written into a hidden ``.tmp-step-000123-*`` directory beside the final one,
 each file is fsynced, ``COMPLETE`` is written last, and the directory is renamed into place (a rename
 within one filesystem is atomic on POSIX). A crash at any point leaves either no ``step-000123`` or a
-complete one. Readers trust only ``step-*`` directories whose ``COMPLETE`` manifest parses and whose
-files have the sizes it lists (``load_checkpoint`` also checks the hashes), so a directory copied by
-hand, truncated, or half-deleted is skipped rather than resumed from (and left in place: rotation
-deletes only complete checkpoints; ``save_checkpoint`` removes only its own hidden leftovers).
+complete one (plus a hidden temporary that the next save, or the trainer's start, removes). A checkpoint
+holding a NaN or an infinity is never written: ``save_checkpoint`` checks the adapter weights and the
+optimizer state first (:class:`pvfast.train.errors.NonFinite`).
+
+Damage, one rule (:func:`find_resume_checkpoint`): resuming verifies the checkpoints newest first, each
+in full (manifest, every file's size and sha256, train state), reports every one it rejects and why, and
+uses the newest good one. Truncated, byte-flipped and deleted files are all caught by the manifest (a
+flipped byte by its hash); a damaged manifest rejects its checkpoint. When ``step-*`` directories exist
+but none is good, the trainer refuses to start over (exit 4) rather than silently train from step 0.
+Rejected directories are left in place (the next save of that step replaces it atomically); rotation
+deletes only checkpoints whose files have their manifest sizes.
 
 Multi-process runs: only rank 0 writes (``is_main_process``); the caller must put a barrier after
 ``save_checkpoint`` if other ranks read the directory next. Each rank's RNG state can be saved by
@@ -28,10 +35,10 @@ rank restores its own entry (``load_checkpoint(..., rank=r)``).
 
 Resume, as the trainer does it::
 
-    path = latest_checkpoint(output_dir)
-    if path is not None:
-        diffs = config_differences(read_checkpoint_config(path), current_config)   # caller decides
-        state = load_checkpoint(path, model, optimizer, scheduler)
+    found = find_resume_checkpoint(output_dir)          # verified newest first; found.rejected says why
+    if found.path is not None:
+        diffs = config_differences(read_checkpoint_config(found.path), current_config)   # caller decides
+        state = load_checkpoint(found.path, model, optimizer, scheduler, rank=rank)
 """
 
 from __future__ import annotations
@@ -54,14 +61,20 @@ import torch
 
 from pvfast import atomic
 from pvfast.config.serialize import config_to_dict
+from pvfast.train.errors import CheckpointError, NonFinite, writing
+from pvfast.train.faults import fault_point
 from pvfast.train.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE
 
 MANIFEST_NAME = "COMPLETE"
+MANIFEST_CHECKSUM = "manifest_sha256"  # the manifest's own hash, over its other keys
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 TRAIN_STATE_FILE = "train_state.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's name for safetensors adapter weights
+# Files every checkpoint has (the manifest must list them; the scheduler is optional).
+REQUIRED_FILES = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS_FILE}", OPTIMIZER_FILE,
+                  RNG_FILE, TRAIN_STATE_FILE, CONFIG_FILE)
 
 FORMAT_NAME = "pvfast-checkpoint"
 FORMAT_VERSION = 1
@@ -81,8 +94,16 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, incomplete, corrupt, or does not fit the model."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """What :func:`find_resume_checkpoint` found: the newest good checkpoint, and the ones it rejected."""
+
+    path: Path | None  # None: nothing to resume from
+    rejected: tuple[tuple[Path, str], ...]  # (checkpoint, why), newest first
+
+    @property
+    def step(self) -> int:
+        return 0 if self.path is None else int(_STEP_DIR_RE.match(self.path.name).group(1))
 
 
 @dataclass
@@ -241,6 +262,17 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(
             f"{manifest_path}: checkpoint format version {manifest.get('version')}, this pvfast reads {FORMAT_VERSION}"
         )
+    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != _manifest_checksum(manifest):
+        raise CheckpointError(f"{manifest_path}: damaged manifest (its own sha256 differs)")
+    files = manifest.get("files")  # checkpoints written before the manifest had a checksum are read as they are
+    well_formed = isinstance(files, dict) and isinstance(manifest.get("step"), int) and all(
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values())
+    if not well_formed:
+        raise CheckpointError(f"{manifest_path}: damaged manifest (no step, or a file entry without bytes/sha256)")
+    missing = sorted(set(REQUIRED_FILES) - set(files))
+    if missing:
+        raise CheckpointError(f"{manifest_path}: damaged manifest (does not list {', '.join(missing)})")
     return manifest
 
 
@@ -255,6 +287,36 @@ def _verify_files(path: Path, manifest: dict, check_hashes: bool) -> None:
             raise CheckpointError(f"{file_path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
         if check_hashes and _sha256(file_path) != expected["sha256"]:
             raise CheckpointError(f"{file_path}: sha256 differs from the manifest (file corrupt)")
+
+
+def _read_train_state(path: Path, manifest: dict) -> TrainState:
+    train_state_path = path / TRAIN_STATE_FILE
+    try:
+        state_data = json.loads(train_state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{train_state_path}: cannot read the train state ({err})") from err
+    if not isinstance(state_data, dict):
+        raise CheckpointError(f"{train_state_path}: not a train state (a JSON object)")
+    state = TrainState.from_dict(state_data, source=str(train_state_path))
+    if state.step != manifest["step"]:
+        raise CheckpointError(f"{train_state_path}: step {state.step} but the manifest says {manifest['step']}")
+    return state
+
+
+def verify_checkpoint(path: str | os.PathLike, check_hashes: bool = True) -> TrainState:
+    """Check checkpoint ``path`` in full without loading it into a model; its TrainState, or CheckpointError.
+
+    Manifest, every listed file's size and (``check_hashes``) sha256, the train state and its step against the
+    manifest and the directory name. What remains for :func:`load_checkpoint` is whether it fits the model.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    _verify_files(path, manifest, check_hashes)
+    state = _read_train_state(path, manifest)
+    match = _STEP_DIR_RE.match(path.name)
+    if match is not None and int(match.group(1)) != state.step:
+        raise CheckpointError(f"{path}: holds step {state.step}, not the step of its name")
+    return state
 
 
 def is_complete_checkpoint(path: str | os.PathLike, check_hashes: bool = False) -> bool:
@@ -289,6 +351,20 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step, or None. Incomplete directories are skipped."""
     complete = complete_checkpoints(output_dir)
     return complete[-1] if complete else None
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike) -> ResumePoint:
+    """The newest checkpoint that passes :func:`verify_checkpoint` (hashes included), and every newer one it
+    rejected with the reason, newest first. Reading stops at the first good one (older ones are not read)."""
+    rejected = []
+    for _, path in reversed(_step_dirs(checkpoints_dir(output_dir))):
+        try:
+            verify_checkpoint(path, check_hashes=True)
+        except CheckpointError as err:
+            rejected.append((path, str(err)))
+            continue
+        return ResumePoint(path, tuple(rejected))
+    return ResumePoint(None, tuple(rejected))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +407,14 @@ def _write_manifest(tmp: Path, step: int) -> None:
         rel = file_path.relative_to(tmp).as_posix()
         files[rel] = {"bytes": file_path.stat().st_size, "sha256": _sha256(file_path)}
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step, "files": files}
+    manifest[MANIFEST_CHECKSUM] = _manifest_checksum(manifest)
     _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2))
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's own content, so damage to the manifest is reported as such (not as a file)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _rotate(root: Path, keep_last: int | None, just_written: Path) -> None:
@@ -385,14 +468,35 @@ def save_checkpoint(
     config = config_to_dict(config_dict)  # before any file is written: a bad config fails cleanly
     json.dumps(state.to_dict(), default=_json_default)  # same for an unserialisable TrainState.extra
     rng_states = [collect_rng_state()] if rng_states is None else list(rng_states)
+    _refuse_non_finite(final, state.step, peft_model, optimizer)
 
-    root.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temporaries(root)  # left by a save or a rotation that was killed (single writer)
-    with atomic.atomic_dir(final, exists="replace") as tmp:
-        _write_checkpoint_files(tmp, state, peft_model, optimizer, scheduler, config, rng_states)
-        _write_manifest(tmp, state.step)  # last: its presence says every other file is complete
-    _rotate(root, keep_last, final)
+    with writing(final, f"checkpoint {final.name}"):
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temporaries(root)  # left by a save or a rotation that was killed (single writer)
+        with atomic.atomic_dir(final, exists="replace") as tmp:
+            _write_checkpoint_files(tmp, state, peft_model, optimizer, scheduler, config, rng_states)
+            fault_point("checkpoint.write", tmp / OPTIMIZER_FILE)
+            _write_manifest(tmp, state.step)  # last: its presence says every other file is complete
+        _rotate(root, keep_last, final)
     return final
+
+
+def _non_finite_tensors(tensors) -> int:
+    """How many of ``tensors`` hold a NaN or an infinity (one reduction per tensor, one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return 0 if not flags else int((~torch.stack(flags)).sum().item())
+
+
+def _refuse_non_finite(final: Path, step: int, peft_model, optimizer) -> None:
+    """A checkpoint is resumed from as good: never write one that holds a NaN or an infinity."""
+    weights = [p.detach() for p in peft_model.parameters() if p.requires_grad]
+    moments = [v for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    bad_weights, bad_moments = _non_finite_tensors(weights), _non_finite_tensors(moments)
+    if bad_weights or bad_moments:
+        what = f"{bad_weights} adapter weight tensors" if bad_weights else f"{bad_moments} optimizer state tensors"
+        raise NonFinite(f"{final}: not saved: {what} hold NaN or infinity at step {step}; the last checkpoint "
+                        f"saved before it is the one to resume from; lower --optim.lr or set --optim.grad_clip",
+                        step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,21 +583,13 @@ def load_checkpoint(
     :func:`pvfast.config.serialize.config_differences`.
     """
     path = Path(path)
-    manifest = _read_manifest(path)
-    _verify_files(path, manifest, check_hashes)
-
-    train_state_path = path / TRAIN_STATE_FILE
-    try:
-        state_data = json.loads(train_state_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{train_state_path}: cannot read the train state ({err})") from err
-    state = TrainState.from_dict(state_data, source=str(train_state_path))
-    if state.step != manifest["step"]:
-        raise CheckpointError(f"{train_state_path}: step {state.step} but the manifest says {manifest['step']}")
+    state = verify_checkpoint(path, check_hashes)
 
     rng_states = _load_pt(path / RNG_FILE) if restore_rng else None
     if rng_states is not None and not 0 <= rank < len(rng_states):
-        raise CheckpointError(f"{path / RNG_FILE}: holds RNG states for {len(rng_states)} ranks, asked for rank {rank}")
+        raise CheckpointError(f"{path / RNG_FILE}: holds RNG states for {len(rng_states)} ranks, asked for rank {rank} "
+                              f"(saved by a run with another number of processes); resume with the same "
+                              f"--nproc_per_node")
     optimizer_state = _load_pt(path / OPTIMIZER_FILE) if optimizer is not None else None
     scheduler_path = path / SCHEDULER_FILE
     if scheduler is not None and not scheduler_path.is_file():
@@ -534,6 +630,7 @@ def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
+    exists: str = "refuse",
 ) -> Path:
     """Merge a LoRA adapter into its base model and save a standalone model (safetensors).
 
@@ -542,7 +639,8 @@ def merge_adapter(
     into each target weight; the result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
     The tokenizer is copied from ``adapter_dir`` if it has one, else from ``base_model_dir``. The model
     is written into a temp directory beside ``out_dir`` and renamed into place; an existing non-empty
-    ``out_dir`` is an error. ``adapter_dir`` may also be a checkpoint directory. Returns ``out_dir``.
+    ``out_dir`` is an error unless ``exists="replace"`` (swapped atomically, :func:`pvfast.atomic.publish_dir`).
+    ``adapter_dir`` may also be a checkpoint directory. Returns ``out_dir``.
     """
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -551,7 +649,7 @@ def merge_adapter(
     out_dir = Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if exists != "replace" and out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: merge output directory exists and is not empty")
     base_config = AutoConfig.from_pretrained(base_model_dir, trust_remote_code=False)
     if getattr(base_config, "quantization_config", None):
@@ -562,10 +660,11 @@ def merge_adapter(
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
-    if out_dir.exists():
+    if exists != "replace" and out_dir.exists():
         out_dir.rmdir()  # empty (checked above)
-    with atomic.atomic_dir(out_dir, exists="refuse") as tmp:
+    with atomic.atomic_dir(out_dir, exists=exists) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
+        fault_point("merge.write", tmp)
         tokenizer_source = adapter_dir if _has_tokenizer(adapter_dir) else Path(base_model_dir)
         if _has_tokenizer(tokenizer_source):
             AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False).save_pretrained(tmp)
