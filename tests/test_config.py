@@ -440,6 +440,14 @@ def test_train_help_lists_presets_and_exit_codes(capsys):
     assert f"  {EXIT_NON_FINITE}    {EXIT_CODES[EXIT_NON_FINITE]}" in text
 
 
+def test_every_exit_code_of_the_trainer_is_documented():
+    from pvfast.train import errors
+
+    codes = {name: getattr(errors, name) for name in dir(errors)
+             if name.startswith("EXIT_") and name not in ("EXIT_CODES", "EXIT_SIGNAL_BASE")}
+    assert codes and all(code in errors.EXIT_CODES for code in codes.values()), codes
+
+
 def test_train_help_keys_shows_the_preset_file_and_override_values(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_cli(["sft", "--preset", "tiny", "--help-keys"])
