@@ -571,6 +571,11 @@ def test_help_keys_shows_inline_docs(capsys):
     # a comment block above a field documents it too
     tokens = next(i for i, line in enumerate(lines) if line.startswith("  --optim.tokens_per_step "))
     assert "Gradient accumulation by token budget" in lines[tokens + 1]
+    # another objective's config: its own docs, no "default" from the TAB-PO config it replaced
+    with pytest.raises(SystemExit):
+        parse_cli(["po", "--po.objective", "dpo", "--help-keys"])
+    text = capsys.readouterr().out
+    assert "  --po.objective_config.beta 0.1\n      a float. β; 0.1 is TRL's DPOConfig default" in text
 
 
 # --- one config-to-dict ----------------------------------------------------------------------------------

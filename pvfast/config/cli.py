@@ -169,13 +169,20 @@ def field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def _defaults_of(cfg) -> dict[str, Any]:
-    """Leaf values of the dataclass defaults of ``cfg``'s class (what a preset or override changed from)."""
+def _defaults_of(cfg) -> dict[str, tuple[type, Any]]:
+    """``{key: (owner class, default)}`` of the dataclass defaults of ``cfg``'s class, leaves only."""
     try:
         default = type(cfg)()
     except (TypeError, ValueError):
         return {}
-    return {path: value for path, _, value, nested in iter_fields(default) if not nested}
+    owners = {"": type(default)}
+    found = {}
+    for path, _, value, nested in iter_fields(default):
+        if nested:
+            owners[path] = type(value)
+        else:
+            found[path] = (owners[path.rpartition(".")[0]], value)
+    return found
 
 
 def format_keys(cfg, aliases: Mapping[str, str] | None = None, title: str | None = None) -> str:
@@ -196,8 +203,9 @@ def format_keys(cfg, aliases: Mapping[str, str] | None = None, title: str | None
         parent, _, name = path.rpartition(".")
         owner = owners[parent] if parent else type(cfg)
         shown = f"  --{path} {value!r}"
-        if path in defaults and defaults[path] != value:
-            shown += f"  (default {defaults[path]!r})"
+        default_owner, default = defaults.get(path, (None, None))
+        if default_owner is owner and default != value:  # not across a swapped section (another objective)
+            shown += f"  (default {default!r})"
         lines.append(shown)
         doc = field_comments(owner).get(name, "")
         alias_text = ", ".join(f"--{a.replace('_', '-')}" for a in by_key.get(path, ()))
