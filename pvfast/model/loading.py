@@ -1,7 +1,9 @@
 """Model and tokenizer loading for the trainer: base model (optionally NF4), LoRA, checkpointing, attention.
 
-``ModelConfig.name_or_path`` is a local directory, a hub id, or None for the embedded tiny model
-(:func:`pvfast.model.tiny.tiny_model_dir`). Loading follows the published QLoRA recipe (SPEC §6)::
+``ModelConfig.name_or_path`` is a local directory, a ``.gguf`` file (converted once, :mod:`pvfast.model.gguf`),
+a hub id, ``smollm2-135m-instruct`` for the embedded real model (:mod:`pvfast.model.smollm2`), or None for
+the embedded tiny model (:func:`pvfast.model.tiny.tiny_model_dir`); :func:`model_source` resolves it to a
+folder. Loading follows the published QLoRA recipe (SPEC §6)::
 
     base   AutoModelForCausalLM.from_pretrained(use_safetensors=True, trust_remote_code=False)
            quant "nf4": BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute bf16 on GPU / fp32 on CPU)
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 from pvfast.config.sections import TRUST_REMOTE_CODE, ModelConfig
+from pvfast.model.gguf import GGUFError, convert_gguf, find_gguf
+from pvfast.model.smollm2 import NAME as SMOLLM2_NAME
 
 
 class ModelLoadError(RuntimeError):
@@ -36,22 +40,80 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def model_source(cfg: ModelConfig) -> str:
-    """The directory or hub id to load from; the tiny model's cache directory when ``name_or_path`` is None."""
+    """The local folder (or hub id) to load from, for every kind of ``model.name_or_path``:
+
+    - None: the embedded tiny model's cache folder (:mod:`pvfast.model.tiny`);
+    - ``smollm2-135m-instruct`` (:data:`pvfast.model.smollm2.NAME`): the embedded SmolLM2-135M-Instruct,
+      set up on first use (:mod:`pvfast.model.smollm2`);
+    - a ``.gguf`` file, or a folder holding one and no ``config.json``: converted once into a cached
+      safetensors folder (:mod:`pvfast.model.gguf`), which is returned;
+    - a model folder (with ``config.json``);
+    - a hub id ``org/name``: returned as is online; with ``HF_HUB_OFFLINE=1`` its cached snapshot folder,
+      or an immediate error when it is not cached. Online, an unreachable hub or an unknown id is an
+      immediate error too (instead of a minute of retries inside transformers).
+    """
     if cfg.name_or_path is None:
         from pvfast.model.tiny import tiny_model_dir
 
         return str(tiny_model_dir(cfg.tiny_arch))
     name = os.path.expanduser(cfg.name_or_path)
     path = Path(name)
+    if not path.exists() and cfg.name_or_path == SMOLLM2_NAME:
+        from pvfast.model.smollm2 import SetupError, model_dir
+
+        try:
+            return str(model_dir())
+        except SetupError as err:
+            raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: {err}") from err
     if path.exists():
+        try:
+            gguf = find_gguf(path)
+            if gguf is not None:
+                return str(convert_gguf(gguf))
+        except GGUFError as err:
+            raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: {err}") from err
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: not a model directory "
-                                 f"(no config.json in it)")
+                                 f"(no config.json in it) nor a .gguf file")
         return str(path)
     # A hub id is "org/name"; anything that starts like a filesystem path was meant to be a directory.
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
-        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: directory not found")
-    return name
+        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: no such file or directory "
+                             f"(a hub id has the form org/name)")
+    return _hub_source(name)
+
+
+def _hub_source(repo_id: str) -> str:
+    """A hub id checked before transformers sees it (fail fast offline or when the hub is unreachable)."""
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline:
+        if isinstance(cached, str):
+            return str(Path(cached).parent)  # the cached snapshot folder: an ordinary local model
+        raise ModelLoadError(f"model.name_or_path {repo_id!r}: not in the local Hugging Face cache and "
+                             f"HF_HUB_OFFLINE=1; download it first (huggingface-cli download {repo_id}) or "
+                             f"pass a local model folder or .gguf file")
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError as err:
+        raise ModelLoadError(f"model.name_or_path {repo_id!r}: no such model on the hub (nor a local "
+                             f"folder of that name)") from err
+    except huggingface_hub.errors.HfHubHTTPError:
+        pass  # gated or rate-limited: transformers (with the user's token) decides
+    except Exception as err:  # noqa: BLE001  connection/timeout errors (httpx's own classes): no hub
+        return _unreachable(repo_id, cached, err)
+    return repo_id
+
+
+def _unreachable(repo_id: str, cached, err: Exception) -> str:
+    if isinstance(cached, str):
+        return str(Path(cached).parent)  # use the cached copy rather than retrying for a minute
+    raise ModelLoadError(f"model.name_or_path {repo_id!r}: the Hugging Face hub cannot be reached "
+                         f"({type(err).__name__}: {err}) and the model is not cached; pass a local model "
+                         f"folder or .gguf file, or set HF_HUB_OFFLINE=1 to use only cached models") from err
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
