@@ -8,7 +8,8 @@ leaves either the old output or the new one, plus possibly a hidden temporary th
 
     with atomic_dir(out_dir / "adapter", exists="replace") as tmp:
         model.save_pretrained(tmp)            # everything goes into tmp
-    write_text(out_dir / "config.json", text)
+    write_text(out_dir / "config.json", text) # also write_lines, write_bytes
+    remove_stale_temporaries(out_dir)         # at the start of a run: what killed writes left behind
 """
 
 from __future__ import annotations
@@ -60,27 +61,42 @@ def remove_dir(path: Path) -> None:
     discard(trash)
 
 
-def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
-    """Write ``lines`` (each ending in a newline where wanted) atomically, creating parent folders."""
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike, mode: str) -> Iterator:
+    """An open hidden temporary beside ``path``; flushed, fsynced and renamed over ``path`` when the block ends
+    cleanly, deleted otherwise."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
+    """Write ``lines`` (each ending in a newline where wanted) atomically, creating parent folders."""
+    with _replacing(path, "w") as handle:
+        for line in lines:
+            handle.write(line)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (UTF-8), creating parent folders."""
     return write_lines(path, [text])
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, creating parent folders."""
+    with _replacing(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def publish_dir(tmp: Path, final: Path, exists: str = "replace") -> None:

@@ -115,7 +115,8 @@ BAD_SFT_CASES = {
     "annotation not object": (_mutate(["annotations", 0], "SDOH"), "annotations[0]", "wrong type"),
     "code wrong type": (_mutate(["annotations", 0, "Code"], None), "annotations[0].Code",
                         "wrong type: expected a string, got null"),
-    "unknown code": (_mutate(["annotations", 0, "Code"], "Finance"), "annotations[0].Code", "unknown code (a string of 7 chars)"),
+    "unknown code": (_mutate(["annotations", 0, "Code"], "Finance"), "annotations[0].Code",
+                     "unknown code (a string of 7 chars)"),
     "unknown sub-code": (_mutate(["annotations", 0, "Sub-code"], "Money"), "annotations[0].Sub-code",
                          "unknown sub-code (a string of 5 chars)"),
     "sub-code of another code": (_mutate(["annotations", 0, "Sub-code"], "signoff"), "annotations[0].Sub-code",
@@ -524,3 +525,60 @@ def test_generic_jsonl_reader_and_writer(tmp_path):
                                                                      (5, "malformed JSON")]
     with pytest.raises(io.DataError, match="no such file"):
         io.read_jsonl(tmp_path / "none.jsonl")
+
+
+# --- papercuts (issue 10 item 7): BOM, normalised labels counted, JSON error positions --------------
+
+
+def test_utf8_bom_at_the_start_of_a_valid_file_is_accepted(tmp_path):
+    path = write_lines(tmp_path / "excel.jsonl", good_rows())
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    examples, problems = io.load_examples(path)
+    assert [e.id for e in examples] == ["m1", "m2", "m3"] and problems == []
+    # Only at the start of the file: a BOM inside a later line is still an error naming that line.
+    path.write_bytes(path.read_bytes() + b"\xef\xbb\xbf" + json.dumps(good_rows()[0] | {"id": "m4"}).encode() + b"\n")
+    assert f"{path}:4: malformed JSON" in str(refused(path))
+
+
+def test_normalised_labels_are_counted_per_field_without_their_text(tmp_path):
+    rows = good_rows()
+    rows[0]["annotations"][0].update({"Code": " sdoh", "Sub-code": "economic  stability"})
+    rows[1]["annotations"][0].update({"Code": "partnershipPROVIDER"})  # its Sub-code is already canonical
+    result = io.load_examples(write_lines(tmp_path / "a.jsonl", rows))
+    assert result.normalized == {"Code": 2, "Sub-code": 1}
+    summary = result.normalized_summary()
+    assert summary == "normalised 3 labels to their canonical spelling (Code 2, Sub-code 1)"
+    assert "sdoh" not in summary and "PROVIDER" not in summary
+    examples, skipped = result  # still unpacks as (records, skipped)
+    assert len(examples) == 3 and skipped == [] and result.records is examples
+    assert io.load_examples(write_lines(tmp_path / "b.jsonl", good_rows())).normalized_summary() is None
+    # A skipped record's labels are not counted: only what the run will use.
+    rows[2]["annotations"] = [{"Code": "sdoh", "Sub-code": "Nope", "Span": "Hello"}]
+    assert io.load_examples(write_lines(tmp_path / "c.jsonl", rows), skip_invalid=True).normalized == {
+        "Code": 2, "Sub-code": 1}
+
+
+def test_malformed_json_messages_read_once_and_point_at_the_character(tmp_path):
+    rows = good_rows()
+    unterminated = '{"id": "b2", "direction": "N", "message": "x'
+    path = write_lines(tmp_path / "u.jsonl", [rows[0], unterminated])
+    err = str(refused(path))
+    # The string starts at the quote before x: 1-based column of that quote.
+    column = unterminated.index('"x') + 1
+    assert f"{path}:2: malformed JSON: Unterminated string starting at column {column}" in err
+    assert "at at" not in err
+    # Non-ASCII before the error: columns count characters (what an editor shows), not bytes.
+    accented = '{"id": "é", "x": }'
+    err = str(refused(write_lines(tmp_path / "e.jsonl", [accented])))
+    assert f"Expecting value at column {accented.index('}') + 1}" in err
+
+
+def test_malformed_published_answer_reports_line_and_column_in_the_answer_as_stored(tmp_path):
+    cols = published_rows(PUBLISHED[:1])
+    answer = '\n  {"results": [\n    {"Code": "SDOH", "Sub-code": "EconomicStability" "Span": "x"}\n]}'
+    bad_at = answer.index('"Span"')  # the missing comma: the parser stops at the next key
+    line = answer.count("\n", 0, bad_at) + 1
+    column = bad_at - answer.rfind("\n", 0, bad_at)
+    rows = [{"query": cols["query"][0], "answer": answer}]
+    err = str(refused(write_lines(tmp_path / "pub.jsonl", rows)))
+    assert f"pub.jsonl:1: answer: malformed JSON: Expecting ',' delimiter at line {line}, column {column}" in err

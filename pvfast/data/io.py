@@ -20,12 +20,15 @@ Readers accept these layouts:
   rejected completions (k pairs sharing one prompt), id ``<name>-<first row>``, weight 1.0.
 
 Every problem names the file, the line (JSONL, 1-based) or row (saved dataset, 0-based index), the field
-and what is wrong; message and span text never appear in a problem. By default a file with any invalid
+and what is wrong; message and span text never appear in a problem. A UTF-8 byte-order mark at the start of
+a JSONL file (spreadsheet exports write one) is skipped. Labels are matched case- and space-insensitively and
+stored canonical; the loaders count how many they normalised (``result.normalized``, per field) so callers
+report it, without the label text (a label column can hold patient text by mistake). By default a file with any invalid
 record is refused (:class:`DataError` listing every problem); ``skip_invalid=True`` drops the invalid
 records and returns their problems. A file with no valid record at all is always refused.
 
-Writers produce pvfast JSONL (UTF-8, non-ASCII kept, one record per line), atomically: the file appears
-complete or not at all.
+Writers produce pvfast JSONL (UTF-8, non-ASCII kept, one record per line), atomically
+(:mod:`pvfast.atomic`): the file appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pvfast import atomic
 from pvfast.data.codebook import (
     CODES,
     DIRECTIONS,
@@ -69,6 +72,7 @@ DATASET_FILES = ("dataset_info.json", "state.json")
 DATASET_DICT_FILE = "dataset_dict.json"
 
 _FIELDS = ("Code", "Sub-code", "Span")
+_BOM = b"\xef\xbb\xbf"
 
 # The last "INPUT: TO_PAT_YN: <d> ... \n Context: <message> \n\n\n OUTPUT:" block of a published query.
 # The greedy prefix makes it the *last* block, so an example block in the instruction text is skipped.
@@ -99,6 +103,35 @@ class Problem:
         return ": ".join(parts)
 
 
+class LoadResult(tuple):
+    """``(records, skipped)`` as the loaders always returned it (unpack it as before), plus ``normalized``:
+    how many labels were given in another case or spacing and stored canonical, per field
+    (``{"Code": 3, "Sub-code": 1}``)."""
+
+    normalized: Counter
+
+    def __new__(cls, records: list, skipped: list[Problem], normalized: Counter | None = None):
+        result = super().__new__(cls, (records, skipped))
+        result.normalized = Counter() if normalized is None else normalized
+        return result
+
+    @property
+    def records(self) -> list:
+        return self[0]
+
+    @property
+    def skipped(self) -> list[Problem]:
+        return self[1]
+
+    def normalized_summary(self) -> str | None:
+        """"normalised 4 labels to their canonical spelling (Code 3, Sub-code 1)", or None when none were."""
+        total = sum(self.normalized.values())
+        if not total:
+            return None
+        fields = ", ".join(f"{name} {count}" for name, count in sorted(self.normalized.items()))
+        return f"normalised {total} label{'s' if total != 1 else ''} to their canonical spelling ({fields})"
+
+
 class DataError(ValueError):
     """A data file was refused; ``problems`` lists everything wrong with it."""
 
@@ -124,6 +157,7 @@ class _Source:
     unit: str  # "line" or "row"
     rows: list[tuple[int, dict]]
     problems: list[Problem]  # rows that could not be read at all (malformed JSON, not an object)
+    normalized: Counter = field(default_factory=Counter)  # labels stored canonical, per field
 
     def problem(self, position: int | None, field: str | None, message: str) -> Problem:
         return Problem(self.path, position, field, message, self.unit)
@@ -157,6 +191,8 @@ def _read_jsonl(path: Path, shown: str) -> _Source:
     source = _Source(shown, path.stem, "line", [], [])
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]  # a byte-order mark (spreadsheet exports), not content
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -165,10 +201,10 @@ def _read_jsonl(path: Path, shown: str) -> _Source:
             if not text.strip():
                 continue
             try:
+                text = text.rstrip("\r\n")  # the line ending is not part of the record
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                source.problems.append(
-                    source.problem(number, None, f"malformed JSON: {err.msg} at column {err.colno}"))
+                source.problems.append(source.problem(number, None, _json_error(err, text)))
                 continue
             if not isinstance(row, dict):
                 source.problems.append(
@@ -225,6 +261,18 @@ def _read_saved_dataset(directory: Path, split: str | None, shown: str) -> _Sour
     return _Source(shown, name, "row", list(enumerate(loaded)), [])
 
 
+def _json_error(err: json.JSONDecodeError, text: str, offset: int = 0) -> str:
+    """"malformed JSON: <what> at column C" (line L, column C for a value spanning lines), positions 1-based in
+    characters of ``text``, where the parsed part started at character ``offset``. The parser's own messages
+    may end in "at" ("Unterminated string starting at"): the position completes them."""
+    index = offset + err.pos
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    what = err.msg.removesuffix(" at")
+    where = f"line {line}, column {column}" if "\n" in text.rstrip("\r\n") else f"column {column}"
+    return f"malformed JSON: {what} at {where}"
+
+
 def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
              int: "a number", float: "a number"}
@@ -249,6 +297,7 @@ class _RowCheck:
         self.source = source
         self.position = position
         self.problems: list[Problem] = []
+        self.normalized: Counter = Counter()  # labels of this row stored canonical (counted if the row is kept)
 
     def add(self, field: str | None, message: str) -> None:
         self.problems.append(self.source.problem(self.position, field, message))
@@ -326,6 +375,9 @@ class _RowCheck:
             return None
         code = canonical_code(values["Code"])
         subcode = canonical_subcode(values["Sub-code"])
+        self.normalized.update(name for name, given, stored in (("Code", values["Code"], code),
+                                                                          ("Sub-code", values["Sub-code"], subcode))
+                                      if stored is not None and given != stored)
         if code is None:
             self.add(f"{where}.Code", f"unknown code {describe_unknown_label(values['Code'], CODES)}")
         if subcode is None:
@@ -403,7 +455,8 @@ def _example_from_published(row: dict, check: _RowCheck, seen: dict[str, int]) -
         try:
             parsed = json.loads(body)
         except json.JSONDecodeError as err:
-            check.add("answer", f"malformed JSON: {err.msg} at column {err.colno}")
+            # positions in the answer as stored (the parsed body has its leading whitespace stripped)
+            check.add("answer", _json_error(err, answer, offset=len(answer) - len(answer.lstrip())))
             parsed = None
         if parsed is not None:
             if not isinstance(parsed, dict) or "results" not in parsed:
@@ -421,12 +474,12 @@ def _example_from_row(row: dict, check: _RowCheck, seen: dict[str, int]) -> Exam
     return (_example_from_published if published else _example_from_pvfast)(row, check, seen)
 
 
-def load_examples(path: str | os.PathLike, *, skip_invalid: bool = False
-                  ) -> tuple[list[Example], list[Problem]]:
+def load_examples(path: str | os.PathLike, *, skip_invalid: bool = False) -> LoadResult:
     """Read SFT examples (pvfast JSONL or the published saved dataset), validating every record.
 
-    Returns ``(examples, problems)``; ``problems`` is empty unless ``skip_invalid`` is set, in which
-    case it lists why each skipped record was skipped. Raises :class:`DataError` when the file is
+    Returns ``(examples, problems)`` (a :class:`LoadResult`, which also counts normalised labels);
+    ``problems`` is empty unless ``skip_invalid`` is set, in which case it lists why each skipped record
+    was skipped. Raises :class:`DataError` when the file is
     refused (any problem without ``skip_invalid``; missing, empty or unreadable; no valid record).
     """
     source = _read_source(path)
@@ -435,7 +488,10 @@ def load_examples(path: str | os.PathLike, *, skip_invalid: bool = False
     def build(rows):
         for position, row in rows:
             check = _RowCheck(source, position)
-            yield position, _example_from_row(row, check, seen), check.problems
+            example = _example_from_row(row, check, seen)
+            if example is not None and check.ok:
+                source.normalized.update(check.normalized)
+            yield position, example, check.problems
 
     return _collect(source, build(source.rows), skip_invalid)
 
@@ -559,8 +615,7 @@ def _is_trl_row(row: dict) -> bool:
     return "id" not in row and isinstance(row.get("rejected"), str)
 
 
-def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False
-                     ) -> tuple[list[PreferenceRecord], list[Problem]]:
+def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False) -> LoadResult:
     """Read preference records (pvfast JSONL or TRL prompt/chosen/rejected rows), validating each.
 
     Chosen and rejected completions must parse strictly (:func:`parse_output`), every rejected must
@@ -599,8 +654,7 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False
 # Shared: refuse or skip, and write.
 
 
-def _collect(source: _Source, built: Iterable[tuple[int, Any, list[Problem]]],
-             skip_invalid: bool) -> tuple[list, list[Problem]]:
+def _collect(source: _Source, built: Iterable[tuple[int, Any, list[Problem]]], skip_invalid: bool) -> LoadResult:
     records = []
     problems = list(source.problems)
     for _, record, row_problems in built:
@@ -612,25 +666,11 @@ def _collect(source: _Source, built: Iterable[tuple[int, Any, list[Problem]]],
         if not records and skip_invalid:
             problems.append(source.problem(None, None, "no valid record left after skipping"))
         raise DataError(problems)
-    return records, problems
+    return LoadResult(records, problems, source.normalized)
 
 
 def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterator[dict]) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent,
-                                         prefix=f".{target.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-    return target
+    return atomic.write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
