@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import os
 import re
 import sys
 import textwrap
@@ -239,6 +240,14 @@ def _constructible(cls: type) -> bool:
     return True
 
 
+def emit(text: str) -> None:
+    """Print help text; a reader that stops early (``--help-keys | head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
 # --------------------------------------------------------------------------------------------------
 # Resolving a command's config
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +307,7 @@ def parse_command(argv: Sequence[str] | None, config_class: type, *, prog: str, 
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_FLAGS for a in args):
-        print(format_help(prog, config_class, description, aliases, exit_codes))
+        emit(format_help(prog, config_class, description, aliases, exit_codes))
         raise SystemExit(0)
     show_keys = HELP_KEYS_FLAG in args
     args = [a for a in args if a != HELP_KEYS_FLAG]
@@ -306,7 +315,7 @@ def parse_command(argv: Sequence[str] | None, config_class: type, *, prog: str, 
         config_file = take_option(args, CONFIG_FLAG)
         cfg = resolve(config_class(), config_file, args, aliases)
         if show_keys:
-            print(format_keys(cfg, aliases, title=f"keys of {prog} (values after defaults < --config < command line):"))
+            emit(format_keys(cfg, aliases, title=f"keys of {prog} (values after defaults < --config < command line):"))
             raise SystemExit(0)
         return check_complete(cfg)
     except ConfigError as err:

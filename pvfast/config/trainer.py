@@ -31,7 +31,15 @@ import difflib
 import os
 from typing import Mapping, Sequence
 
-from pvfast.config.cli import HELP_FLAGS, HELP_KEYS_FLAG, format_exit_codes, format_keys, split_tokens, take_option
+from pvfast.config.cli import (
+    HELP_FLAGS,
+    HELP_KEYS_FLAG,
+    emit,
+    format_exit_codes,
+    format_keys,
+    split_tokens,
+    take_option,
+)
 from pvfast.config.cli import resolve as resolve_layers
 from pvfast.config.overrides import ConfigError, apply_updates, field_names
 from pvfast.config.presets import DEFAULT_PRESET, NO_PRESET, PRESETS
@@ -138,7 +146,7 @@ def parse_cli(argv: Sequence[str], exit_codes: Mapping[int, str] | None = None
     """
     args = list(argv)
     if any(a in HELP_FLAGS for a in args):
-        print(format_usage(exit_codes))
+        emit(format_usage(exit_codes))
         raise SystemExit(0)
     stage = DEFAULT_STAGE
     if args and not args[0].startswith("-"):
@@ -158,7 +166,7 @@ def parse_cli(argv: Sequence[str], exit_codes: Mapping[int, str] | None = None
         cfg = load_config(stage, config_file, args, preset)
         origin = f"preset {preset!r}" if preset not in (None, NO_PRESET) else "defaults"
         origin += (f" < {config_file}" if config_file else "") + (" < command line" if args else "")
-        print(format_keys(cfg, ALIASES, title=f"keys of stage {stage!r} (values from {origin}):"))
+        emit(format_keys(cfg, ALIASES, title=f"keys of stage {stage!r} (values from {origin}):"))
         raise SystemExit(0)
     return stage, config_file, preset, args
 
