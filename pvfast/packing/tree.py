@@ -60,11 +60,16 @@ to a pack; the shared instruction is paid once per pack), never exceeding the to
 deterministic: groups are ordered by standalone cost, ties by input order, and each pack lists its groups in
 input order. SFT uses the same packer with one completion per group.
 
-Masks by attention implementation: SDPA takes the (1, 1, L, L) boolean mask (True = attend; O(L²) memory,
-fine on the CPU and for rows of a few thousand tokens); eager takes it as an additive float mask;
-FlexAttention (the GPU path) takes a ``BlockMask`` built from ``subtree_end``, and skips the blocks where
-branches do not see each other. Padding tokens (``pad_to_multiple``) are isolated roots: each attends only to
-itself, so no attention row is empty.
+Masks by attention implementation (chosen by :func:`pvfast.model.forward.packed_attention_mask`): pvfast's
+tree attention (:mod:`pvfast.model.attention`, the CPU default) takes no mask at all, only ``subtree_end``, and
+computes exactly the attended pairs; SDPA takes the (1, 1, L, L) boolean mask (True = attend; O(L²) memory and
+compute); eager takes it as an additive float mask; FlexAttention takes a ``BlockMask`` built from
+``subtree_end``, and skips the blocks where branches do not see each other. Padding tokens
+(``pad_to_multiple``) are isolated roots: each attends only to itself, so no attention row is empty.
+
+Sliding-window layers (``window=W``): key ``k`` is seen by query ``q`` iff it is an ancestor-or-self and
+``depth(q) - depth(k) < W`` (depth = position id): the window counts positions along the token's own root path,
+exactly as the unshared sequence sees it (transformers' ``kv_idx > q_idx - sliding_window``).
 
 Usage, with the per-completion sums of :mod:`pvfast.objectives.stats` (the trainer does the same through the fused
 op, see :mod:`pvfast.packing.loss_batch`)::
@@ -206,32 +211,55 @@ class PackedBatch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
         return PackedBatch(**moved)
 
-    def attention_mask(self) -> torch.Tensor:
-        """(1, 1, L, L) bool, True where query row q may attend key column k (k is q or its ancestor)."""
-        return tree_attention_mask(self.subtree_end)[None, None]
+    def attention_mask(self, window: int | None = None) -> torch.Tensor:
+        """(1, 1, L, L) bool, True where query row q may attend key column k (k is q or its ancestor, and
+        within ``window`` positions along the path when given)."""
+        return tree_attention_mask(self.subtree_end, self.position_ids, window)[None, None]
 
-    def block_mask(self, device: torch.device | str | None = None):
+    def block_mask(self, device: torch.device | str | None = None, window: int | None = None):
         """FlexAttention ``BlockMask`` of the same relation (B = H = 1 broadcast)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         subtree_end = self.subtree_end if device is None else self.subtree_end.to(device)
+        depth = self.position_ids.to(subtree_end.device)
         length = self.num_tokens
-        return create_block_mask(tree_mask_mod(subtree_end), B=None, H=None, Q_LEN=length, KV_LEN=length,
-                                 device=subtree_end.device)
+        return create_block_mask(tree_mask_mod(subtree_end, depth, window), B=None, H=None, Q_LEN=length,
+                                 KV_LEN=length, device=subtree_end.device)
 
 
-def tree_attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
-    """(L, L) bool ancestor-or-self relation from the depth-first ``subtree_end`` vector (L,)."""
+def _check_window(window: int | None, position_ids: torch.Tensor | None) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding window must be a positive int, got {window!r}")
+    if position_ids is None:
+        raise ValueError("a sliding window needs position_ids (the tree depths)")
+
+
+def tree_attention_mask(subtree_end: torch.Tensor, position_ids: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
+    """(L, L) bool ancestor-or-self relation from the depth-first ``subtree_end`` vector (L,); with ``window``,
+    only keys fewer than ``window`` tree levels (``position_ids``) above the query."""
+    _check_window(window, position_ids)
     idx = torch.arange(subtree_end.numel(), device=subtree_end.device)
     q, k = idx[:, None], idx[None, :]
-    return (k <= q) & (q < subtree_end[None, :])
+    allowed = (k <= q) & (q < subtree_end[None, :])
+    if window is not None:
+        allowed &= (position_ids[:, None] - position_ids[None, :]) < window
+    return allowed
 
 
-def tree_mask_mod(subtree_end: torch.Tensor):
-    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the tree relation (``subtree_end``: (L,))."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx < subtree_end[kv_idx])
+def tree_mask_mod(subtree_end: torch.Tensor, position_ids: torch.Tensor | None = None, window: int | None = None):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the tree relation (``subtree_end``: (L,)); with
+    ``window``, of the windowed relation (``position_ids``: (L,) tree depths)."""
+    _check_window(window, position_ids)
+    if window is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx < subtree_end[kv_idx])
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ((kv_idx <= q_idx) & (q_idx < subtree_end[kv_idx])
+                    & (position_ids[q_idx] - position_ids[kv_idx] < window))
 
     return mask_mod
 
