@@ -132,3 +132,59 @@ def test_convert_trl_preferences_then_validate(tmp_path, capsys):
     assert [(r.prompt, r.chosen, r.rejected) for r in records] == [("P", chosen, tuple(rejected))]
     assert main(["validate", str(out), "--kind", "preference"]) == 0
     assert f"{out}: 1 valid preference records, 2 pairs" in capsys.readouterr().out
+
+
+# --- validate with the trainer's tokenizer and budgets (issue 10 item 7) ------------------------------
+
+
+def test_validate_with_the_trainers_tokenizer_names_records_that_can_never_fit(tmp_path, capsys):
+    from pvfast.model.tiny import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer("qwen2")  # the tiny preset's model
+    template = tmp_path / "short.txt"
+    template.write_text("Direction: {direction}\nMessage: {message}", encoding="utf-8")
+    records = rows()
+    long_message = " ".join(["Umbrella orchid pharmacy."] * 120)  # a prompt far over the budget below
+    records[1] = {"id": "b", "direction": "N", "message": long_message, "annotations": []}
+    spans = ["Umbrella", "orchid", "my insurance", "dropped me", "call the pharmacy", "can you call"]
+    records[2] = {"id": "c", "direction": "N", "message": MESSAGE, "annotations": [
+        {"Code": "CareCoordinationPatient", "Sub-code": "None", "Span": s} for s in spans]}
+    path = write_jsonl(tmp_path / "lengths.jsonl", records)
+    # Independent lengths: the tokenizer on the message and on the completion text.
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def completion(record):
+        return n_tokens(serialize([Annotation(a["Code"], a["Sub-code"], a["Span"]) for a in record["annotations"]]))
+
+    assert n_tokens(long_message) > 1000 and completion(records[2]) > completion(records[0]) + 20
+    cap = completion(records[0]) + 10  # room for record a's end-of-turn tokens, not for record c's completion
+    args = ["validate", str(path), "--preset", "tiny", "--template", str(template), "--token-budget", "1000",
+            "--max-completion-tokens", str(cap)]
+    assert main(args) == EXIT_INVALID_DATA
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 problems:")
+    prompt_line = next(line for line in err.splitlines() if line.startswith(f"{path}:2: prompt: "))
+    assert "--data.truncate cannot help" in prompt_line and "raise data.token_budget" in prompt_line
+    completion_line = next(line for line in err.splitlines() if line.startswith(f"{path}:3: completion: "))
+    assert f"over data.max_completion_tokens {cap}" in completion_line and "--data.truncate" in completion_line
+    assert f"{path}:1:" not in err
+    for secret in SECRETS:
+        assert secret not in err
+    # Truncation fixes the completion, never the prompt.
+    assert main([*args, "--truncate"]) == EXIT_INVALID_DATA
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 problem:") and f"{path}:2: prompt: " in err
+    # Without the long prompt every record fits (truncated where allowed), and it says so.
+    assert main([*args, "--truncate", "--token-budget", "4000"]) == 0
+    assert "every record fits data.token_budget 4000" in capsys.readouterr().out
+
+
+def test_validate_reports_how_many_labels_it_normalised_without_their_text(tmp_path, capsys):
+    records = rows()
+    records[0]["annotations"][0]["Code"] = "sdoh"
+    records[1]["annotations"][0]["Sub-code"] = "Salutation"
+    assert main(["validate", str(write_jsonl(tmp_path / "case.jsonl", records))]) == 0
+    out = capsys.readouterr().out
+    assert "normalised 2 labels to their canonical spelling (Code 1, Sub-code 1)" in out
+    assert "sdoh" not in out and "Salutation" not in out

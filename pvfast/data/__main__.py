@@ -3,12 +3,23 @@
     python -m pvfast.data synth --n 1137 --seed 0 --out data/pv-synth
     python -m pvfast.data validate data/pv-synth/train.jsonl
     python -m pvfast.data validate prefs.jsonl --kind preference
+    python -m pvfast.data validate train.jsonl --preset qwen2.5-1.5b            # + lengths, as that run sees them
+    python -m pvfast.data validate train.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --token-budget 4096
     python -m pvfast.data convert published_dataset_dir/ train.jsonl [--skip-invalid]
     python -m pvfast.data demo [--n 1137] [--seed 0] [--out DIR]
 
 ``validate`` and ``convert`` refuse a file with any invalid record (exit code 2, one line per problem
 naming file, line and field) unless ``--skip-invalid`` is given, which reports what was skipped and why.
-``convert`` writes nothing when it refuses. Message and span text are never printed.
+``convert`` writes nothing when it refuses. Message and span text are never printed; labels given in another
+case or spacing are stored canonical and counted ("normalised 3 labels ...", never their text).
+
+``validate`` with a tokenizer (``--model``, or a trainer ``--preset`` / ``--config`` file, whose model, prompt
+template and budgets are used; ``--model``, ``--template``, ``--token-budget``, ``--max-completion-tokens`` and
+``--truncate`` override them) also tokenizes every record as the trainer will and refuses the file when a record
+can never fit: each one is named by file, line and field with the fix that applies (``prompt``: shorten the
+message or template, or raise the budget, since truncation never cuts prompts; ``completion``: raise the cap or
+budget, or pass --data.truncate). This is the same check the trainer makes before loading a model
+(:func:`pvfast.train.data.length_problems`).
 """
 
 from __future__ import annotations
@@ -47,9 +58,53 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_settings(args: argparse.Namespace):
+    """The model and data sections the trainer would use (preset < config file < the flags), or None."""
+    if args.model is None and args.preset is None and args.config is None:
+        return None
+    from pvfast.config.trainer import load_config
+
+    overrides = []
+    for key, value in (("model.name_or_path", args.model), ("data.template", args.template),
+                       ("data.token_budget", args.token_budget),
+                       ("data.max_completion_tokens", args.max_completion_tokens)):
+        if value is not None:
+            overrides += [f"--{key}", str(value)]
+    if args.truncate:
+        overrides += ["--data.truncate", "true"]
+    cfg = load_config("sft", args.config, overrides, args.preset or "none")
+    return cfg.model, cfg.data, cfg.sft.objective_config
+
+
+def _length_problems(result, kind: str, settings) -> list:
+    from pvfast.data.prompt import PromptTemplate
+    from pvfast.model.loading import load_tokenizer
+    from pvfast.packing.loss_batch import preference_groups, sft_groups
+    from pvfast.train.data import length_problems
+
+    model, data, objective = settings
+    tokenizer = load_tokenizer(model)
+    template = PromptTemplate.from_file(data.template) if data.template is not None else None
+    make = sft_groups if kind == "sft" else preference_groups
+    groups = make(result.records, tokenizer, objective.token_weights, template)
+    return length_problems(groups, data, result)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    records, skipped = _load(args.path, args.kind, args.skip_invalid)
+    settings = _trainer_settings(args)  # a bad preset or key is refused before the file is read
+    result = _load(args.path, args.kind, args.skip_invalid)
+    records, skipped = result
     _report_skipped(skipped)
+    if result.normalized_summary():
+        print(f"{args.path}: {result.normalized_summary()}")
+    if settings is not None:
+        too_long = _length_problems(result, args.kind, settings)
+        if too_long:
+            raise io.DataError(too_long)
+        _, data, _ = settings
+        print(f"{args.path}: every record fits data.token_budget {data.token_budget} and "
+              f"data.max_completion_tokens {data.max_completion_tokens}"
+              + (" (with --data.truncate)" if data.truncate else ""))
     if args.kind == "sft":
         directions = Counter(r.direction for r in records)
         n_ann = sum(len(r.annotations) for r in records)
@@ -106,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kind", choices=("sft", "preference"), default="sft")
         p.add_argument("--skip-invalid", action="store_true",
                        help="skip invalid records (reported) instead of refusing the file")
+        if name == "validate":
+            lengths = p.add_argument_group("lengths, as the trainer sees them (any of these turns the check on)")
+            lengths.add_argument("--preset", help="the trainer preset the data will be trained with")
+            lengths.add_argument("--config", help="the trainer config file (YAML/JSON, or a run's config.json)")
+            lengths.add_argument("--model", help="model name or path: its tokenizer (overrides the preset's)")
+            lengths.add_argument("--template", help="prompt template file (data.template)")
+            lengths.add_argument("--token-budget", type=int, help="data.token_budget")
+            lengths.add_argument("--max-completion-tokens", type=int, help="data.max_completion_tokens")
+            lengths.add_argument("--truncate", action="store_true", help="data.truncate: completion tails may be cut")
         p.set_defaults(func=func)
     return parser
 
@@ -115,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except io.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID_DATA
+    except Exception as err:  # a bad preset/key/template or tokenizer: one line, same exit code as bad data
+        from pvfast.config.overrides import ConfigError
+        from pvfast.data.prompt import TemplateError
+        from pvfast.model.loading import ModelLoadError
+
+        if not isinstance(err, (ConfigError, TemplateError, ModelLoadError, OSError)):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID_DATA
 

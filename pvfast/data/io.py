@@ -106,14 +106,23 @@ class Problem:
 class LoadResult(tuple):
     """``(records, skipped)`` as the loaders always returned it (unpack it as before), plus ``normalized``:
     how many labels were given in another case or spacing and stored canonical, per field
-    (``{"Code": 3, "Sub-code": 1}``)."""
+    (``{"Code": 3, "Sub-code": 1}``), and where each record came from (:meth:`problem`)."""
 
     normalized: Counter
 
-    def __new__(cls, records: list, skipped: list[Problem], normalized: Counter | None = None):
+    def __new__(cls, records: list, skipped: list[Problem], normalized: Counter | None = None,
+                positions: dict[str, int] | None = None, source: _Source | None = None):
         result = super().__new__(cls, (records, skipped))
         result.normalized = Counter() if normalized is None else normalized
+        result._positions = positions or {}
+        result._source = source
         return result
+
+    def problem(self, record_id: str, field: str | None, message: str) -> Problem:
+        """A problem with the record ``record_id`` found after loading (e.g. its token length), at its line."""
+        if self._source is None:
+            return Problem("<records>", None, field, f"record {record_id!r}: {message}")
+        return self._source.problem(self._positions.get(record_id), field, message)
 
     @property
     def records(self) -> list:
@@ -656,17 +665,19 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False) -> 
 
 def _collect(source: _Source, built: Iterable[tuple[int, Any, list[Problem]]], skip_invalid: bool) -> LoadResult:
     records = []
+    positions = {}
     problems = list(source.problems)
-    for _, record, row_problems in built:
+    for position, record, row_problems in built:
         if record is not None and not row_problems:
             records.append(record)
+            positions[record.id] = position
         problems.extend(row_problems)
     problems.sort(key=lambda p: -1 if p.line is None else p.line)
     if problems and (not skip_invalid or not records):
         if not records and skip_invalid:
             problems.append(source.problem(None, None, "no valid record left after skipping"))
         raise DataError(problems)
-    return LoadResult(records, problems, source.normalized)
+    return LoadResult(records, problems, source.normalized, positions, source)
 
 
 def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterator[dict]) -> Path:

@@ -1,34 +1,90 @@
-"""The run's record of itself: ``metrics.jsonl`` (rank 0 appends one JSON object per line) and the plot."""
+"""The run's record of itself: ``metrics.jsonl`` (rank 0 appends one JSON object per line) and the plot.
+
+Reading it back (resume, plotting) tolerates exactly one kind of damage: an unparseable *last* line, which is
+what a kill or a full disk during an append leaves; it is dropped with a warning naming the file. A bad line
+anywhere else means the file was edited or mixed up, and is refused naming the file and the line.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from pvfast import atomic
+from pvfast.train.errors import BadInput, writing
 from pvfast.train.layout import METRICS_FILE
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON object per line; other ranks write nothing."""
+def read_metrics_lines(path: Path) -> list[str]:
+    """The lines of ``path`` that hold JSON objects, in order; [] when there is no file.
 
-    def __init__(self, out_dir: Path, is_main: bool, resume_step: int | None = None):
+    A torn last line is dropped with a warning on stderr naming the file; a bad line elsewhere is a
+    :class:`BadInput` naming file and line.
+    """
+    if not path.is_file():
+        return []
+    raw = path.read_bytes().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()  # the newline that ends the last complete line
+    kept = []
+    for number, line in enumerate(raw, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as err:
+            if number == len(raw):
+                print(f"warning: {path}: line {number} is incomplete (a write was interrupted); dropped it",
+                      file=sys.stderr, flush=True)
+                break
+            reason = "not UTF-8" if isinstance(err, UnicodeDecodeError) else "not a JSON object"
+            raise BadInput(f"{path}:{number}: {reason}; only the last line may be incomplete (an interrupted "
+                           f"write), so this file was edited or mixed up: repair or delete that line") from None
+        kept.append(line.decode("utf-8"))
+    return kept
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON object per line; other ranks write nothing.
+
+    Creating one writes nothing (a refused run leaves the folder as it was): :meth:`check` reads what an
+    earlier run left, :meth:`start` then opens the log for this run.
+    """
+
+    def __init__(self, out_dir: Path, is_main: bool, resume_step: int | None | str = "later"):
         self.path = out_dir / METRICS_FILE
         self.is_main = is_main
-        if is_main:
+        if resume_step != "later":  # TRANSITIONAL (old recipe call): start at once; removed with the new recipe
             out_dir.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if resume_step is not None and self.path.is_file():  # drop steps the resumed run redoes
-                for line in self.path.read_text(encoding="utf-8").splitlines():
-                    record = json.loads(line)
-                    if record.get("step", 0) <= resume_step and record.get("event") != "packing":
-                        kept.append(line)
-            self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            self.start(resume_step)
+
+    def check(self) -> list[str]:
+        """The existing lines, validated (:func:`read_metrics_lines`); writes nothing."""
+        return read_metrics_lines(self.path) if self.is_main else []
+
+    def start(self, resume_step: int | None) -> None:
+        """Begin this run's log: a fresh run starts it empty; a resumed one keeps the steps up to
+        ``resume_step`` (not the packing line, which the run writes again). Atomic."""
+        if not self.is_main:
+            return
+        kept = []
+        if resume_step is not None:
+            for line in self.check():
+                record = json.loads(line)
+                if record.get("step", 0) <= resume_step and record.get("event") != "packing":
+                    kept.append(line)
+        with writing(self.path, "metrics log"):
+            atomic.write_lines(self.path, (f"{line}\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.is_main:
-            with self.path.open("a", encoding="utf-8") as handle:
+            with writing(self.path, "metrics log"), self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
     def say(self, text: str) -> None:
@@ -36,9 +92,7 @@ class MetricsLog:
             print(text, flush=True)
 
     def steps(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()]
+        records = [json.loads(line) for line in read_metrics_lines(self.path)]
         return [r for r in records if "step" in r]
 
 
@@ -61,8 +115,11 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(label or key)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    with writing(path, "training curves"):
+        atomic.write_bytes(path, image.getvalue())
 
 
 def _peak_memory_mb(device: torch.device) -> float:
