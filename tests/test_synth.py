@@ -217,8 +217,79 @@ def test_write_corpus_round_trips_through_the_reader(tmp_path):
     paths = synth.write_corpus(tmp_path / "corpus", n=n, seed=seed)
     assert {name: p.name for name, p in paths.items()} == {
         "train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-    expected = synth.split_corpus(synth.generate_corpus(n=n, seed=seed), seed=seed)
+    expected = synth.split_corpus(synth.generate_corpus(n=n, seed=seed, heldout_phrasing=True), seed=seed)
     for name, path in paths.items():
         loaded, problems = io.load_examples(path)
         assert problems == []
         assert list(loaded) == expected[name]
+    plain = synth.write_corpus(tmp_path / "plain", n=n, seed=seed, heldout_phrasing=False)
+    expected = synth.split_corpus(synth.generate_corpus(n=n, seed=seed), seed=seed)
+    for name, path in plain.items():
+        assert list(io.load_examples(path)[0]) == expected[name]
+
+
+# --- held-out phrasings ---------------------------------------------------------------------------------
+# Tolerance for one split (stated once): total-variation distance between the split's label shares and the
+# published ones at most 0.02 for train (~3,700 labels) and 0.10 for validation and test (~450 labels each,
+# whose multinomial sampling noise alone gives ~0.06). The whole corpus keeps the tolerance stated at the top.
+SPLIT_MAX_TV = {"train": 0.02, "validation": 0.10, "test": 0.10}
+
+
+def _triples(examples):
+    return {(a.code, a.subcode, a.span) for e in examples for a in e.annotations}
+
+
+def _tv(examples, n: int) -> float:
+    targets, observed = target_counts(n), observed_counts(examples)
+    total_obs, total_target = sum(observed.values()), sum(targets.values())
+    return 0.5 * sum(abs(observed[label] / total_obs - targets[label] / total_target)
+                     for label in set(targets) | set(observed))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_heldout_split_never_shows_a_test_phrasing_in_training(seed):
+    splits = synth.synthetic_splits(PUBLISHED_N_MESSAGES, seed)
+    train = _triples(splits["train"])
+    for name in ("validation", "test"):
+        assert _triples(splits[name]), name
+        assert _triples(splits[name]) & train == set(), name  # no labelled (code, sub-code, span) seen in training
+        train_sentences = {s for e in splits["train"] for s in e.message.split(". ")}
+        overlap = [s for e in splits[name] for s in e.message.split(". ") if s in train_sentences and len(s) > 25]
+        assert overlap == [], overlap[:3]
+    # The random-phrasing split of the same corpus does share phrasings (what the held-out split removes).
+    plain = synth.split_corpus(synth.default_corpus(PUBLISHED_N_MESSAGES, seed), seed)
+    assert len(_triples(plain["test"]) & _triples(plain["train"])) > 50
+
+
+def test_phrasing_split_is_a_partition_of_every_bank():
+    seen, held = synth.phrasing_split(0)
+    for key, bank in PHRASE_BANKS.items():
+        assert set(seen.labelled[key]) | set(held.labelled[key]) == set(bank), key
+        assert not set(seen.labelled[key]) & set(held.labelled[key]), key
+        assert seen.labelled[key] and held.labelled[key], key
+        assert len(held.labelled[key]) <= max(1, round(synth.HELDOUT_SHARE * len(bank))), key
+    for direction, bank in FILLER_SENTENCES.items():
+        assert set(seen.filler[direction]) | set(held.filler[direction]) == set(bank)
+        assert not set(seen.filler[direction]) & set(held.filler[direction])
+    assert synth.phrasing_split(0) == synth.phrasing_split(0) and synth.phrasing_split(1) != synth.phrasing_split(0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_heldout_split_keeps_ids_labels_and_distribution(seed):
+    held = synth.synthetic_splits(PUBLISHED_N_MESSAGES, seed)
+    plain = synth.synthetic_splits(PUBLISHED_N_MESSAGES, seed, heldout_phrasing=False)
+    for name in synth.SPLITS:
+        assert [e.id for e in held[name]] == [e.id for e in plain[name]]
+        assert ([sorted((a.code, a.subcode) for a in e.annotations) for e in held[name]]
+                == [sorted((a.code, a.subcode) for a in e.annotations) for e in plain[name]])
+        assert _tv(held[name], PUBLISHED_N_MESSAGES) <= SPLIT_MAX_TV[name], name
+    everything = [e for name in synth.SPLITS for e in held[name]]
+    assert distribution_problems(everything, PUBLISHED_N_MESSAGES) == []
+    for e in everything:  # spans verbatim, as in every synthetic message
+        assert all(a.span in e.message for a in e.annotations)
+
+
+def test_write_corpus_uses_the_heldout_split(tmp_path):
+    paths = synth.write_corpus(tmp_path, n=200, seed=3)
+    loaded = {name: list(io.load_examples(path)[0]) for name, path in paths.items()}
+    assert loaded == synth.synthetic_splits(200, 3)

@@ -30,6 +30,12 @@ counts up to rounding instead of drifting with sampling noise:
    drawn with probability proportional to its remaining budget. A label appears at most once per message.
 5. Each message is worded from the banks; a text that already occurs in the corpus is reworded.
 
+Held-out phrasings (:func:`synthetic_splits`, the trainer's default): every bank is split ~70/30 into
+training and held-out phrasings (:func:`phrasing_split`); messages of the training split are worded only
+from the first part, validation and test messages only from the second, so a test score measures how
+well a model generalises to sentences it never saw, not how well it recalls them. Steps 1-4 (labels,
+directions, ids, split membership) are the same with or without it, so the label distribution is kept.
+
 The published PUBLISHED_CODE_COUNTS of codes *with* sub-codes are smaller than the sum of their sub-code
 counts (SDOH 536 vs 696), i.e. they count messages carrying the code; this corpus matches them only
 roughly, as a side effect of step 4.
@@ -48,6 +54,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from pvfast.data.codebook import (
     ANNOTATION_PAIRS,
@@ -211,20 +218,22 @@ def _render(template: str, slots: dict[str, str]) -> tuple[str, str]:
     return text, span
 
 
-def _message(rng: random.Random, direction: str, labels: list[tuple[str, str]], config: SynthConfig
-             ) -> tuple[str, tuple[Annotation, ...]]:
+def _message(rng: random.Random, direction: str, labels: list[tuple[str, str]], config: SynthConfig,
+             banks: PhrasingSet | None = None) -> tuple[str, tuple[Annotation, ...]]:
+    phrase_banks = PHRASE_BANKS if banks is None else banks.labelled
+    filler_banks = FILLER_SENTENCES if banks is None else banks.filler
     slots = {name: rng.choice(values) for name, values in SLOT_VALUES.items()}
     opening: list[tuple[str, Annotation | None]] = []
     closing: list[tuple[str, Annotation | None]] = []
     body: list[tuple[str, Annotation | None]] = []
     for code, subcode in labels:
-        text, span = _render(rng.choice(PHRASE_BANKS[(direction, code, subcode)]), slots)
+        text, span = _render(rng.choice(phrase_banks[(direction, code, subcode)]), slots)
         entry = (text, Annotation(code, subcode, span))
         (opening if subcode == _OPENING else closing if subcode == _CLOSING else body).append(entry)
     n_filler = _poisson(rng, config.filler_mean)
     if not labels:
         n_filler = max(n_filler, config.filler_min_if_empty)
-    fillers = FILLER_SENTENCES[direction]
+    fillers = filler_banks[direction]
     for template in rng.sample(fillers, min(n_filler, len(fillers))):
         body.append((_render(template, slots)[0], None))
     rng.shuffle(body)
@@ -236,8 +245,15 @@ def _message(rng: random.Random, direction: str, labels: list[tuple[str, str]], 
 
 
 def generate_corpus(n: int = PUBLISHED_N_MESSAGES, seed: int = 0,
-                    config: SynthConfig = SynthConfig()) -> list[Example]:
-    """``n`` synthetic messages with ids ``syn-000000``..., deterministic in ``seed``."""
+                    config: SynthConfig = SynthConfig(), heldout_phrasing: bool = False,
+                    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[Example]:
+    """``n`` synthetic messages with ids ``syn-000000``..., deterministic in ``seed``.
+
+    ``heldout_phrasing``: the messages that :func:`split_corpus` (same ``seed`` and ``fractions``) puts in
+    validation and test are worded only from held-out phrasings (:func:`phrasing_split`), the training
+    messages only from the others. Labels, directions, ids and the split are the same either way; only
+    the wording changes.
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
@@ -255,13 +271,19 @@ def generate_corpus(n: int = PUBLISHED_N_MESSAGES, seed: int = 0,
         for i, labels in zip(members, _deal_labels(rng, budgets, direction_counts)):
             labels_of_message[i] = labels
 
+    banks_of_message: list[PhrasingSet | None] = [None] * n
+    if heldout_phrasing:
+        seen, held = phrasing_split(seed)
+        split_of = _split_assignment(directions, seed, fractions)
+        banks_of_message = [seen if split_of[i] == SPLITS[0] else held for i in range(n)]
+
     examples = []
     seen_messages: set[str] = set()
     for i, direction in enumerate(directions):
         # Redraw the wording (never the labels) of a message that repeats an earlier one, so identical
         # texts do not land in both train and test; short label sets may still repeat after the retries.
         for _ in range(config.max_rewordings + 1):
-            message, annotations = _message(rng, direction, labels_of_message[i], config)
+            message, annotations = _message(rng, direction, labels_of_message[i], config, banks_of_message[i])
             if message not in seen_messages:
                 break
         seen_messages.add(message)
@@ -270,39 +292,102 @@ def generate_corpus(n: int = PUBLISHED_N_MESSAGES, seed: int = 0,
     return examples
 
 
+# --- held-out phrasings ----------------------------------------------------------------------------------
+
+#: Share of each phrase bank (and of the filler sentences) reserved for validation and test messages.
+HELDOUT_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class PhrasingSet:
+    """The phrase banks one part of the corpus is worded from (a subset of every bank)."""
+
+    labelled: Mapping[tuple[str, str, str], tuple[str, ...]]
+    filler: Mapping[str, tuple[str, ...]]
+
+
+def _partition(bank: tuple[str, ...], rng: random.Random) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(seen, held out): about HELDOUT_SHARE of the bank held out, at least one each side."""
+    order = list(bank)
+    rng.shuffle(order)
+    n_held = min(len(order) - 1, max(1, round(HELDOUT_SHARE * len(order))))
+    held = set(order[:n_held])
+    # Keep the bank's own order inside each part (stable output when a bank gains a phrasing at the end).
+    return tuple(t for t in bank if t not in held), tuple(t for t in bank if t in held)
+
+
+@functools.lru_cache(maxsize=8)
+def phrasing_split(seed: int = 0) -> tuple[PhrasingSet, PhrasingSet]:
+    """(training phrasings, held-out phrasings): every bank of :mod:`pvfast.data.phrases` split ~70/30,
+    deterministic in ``seed``; no phrasing is on both sides, every label keeps phrasings on both."""
+    seen_l, held_l, seen_f, held_f = {}, {}, {}, {}
+    for key in sorted(PHRASE_BANKS):
+        rng = random.Random(f"{seed}:phrasing:{'|'.join(key)}")
+        seen_l[key], held_l[key] = _partition(PHRASE_BANKS[key], rng)
+    for direction in sorted(FILLER_SENTENCES):
+        rng = random.Random(f"{seed}:filler:{direction}")
+        seen_f[direction], held_f[direction] = _partition(FILLER_SENTENCES[direction], rng)
+    return PhrasingSet(seen_l, seen_f), PhrasingSet(held_l, held_f)
+
+
 @functools.lru_cache(maxsize=8)
 def default_corpus(n: int = PUBLISHED_N_MESSAGES, seed: int = 0) -> tuple[Example, ...]:
     """The embedded default dataset for demos, tests and benchmarks (generated once, then cached)."""
     return tuple(generate_corpus(n=n, seed=seed))
 
 
+@functools.lru_cache(maxsize=8)
+def _synthetic_splits(n: int, seed: int, heldout_phrasing: bool) -> dict[str, tuple[Example, ...]]:
+    corpus = generate_corpus(n=n, seed=seed, heldout_phrasing=heldout_phrasing)
+    return {name: tuple(examples) for name, examples in split_corpus(corpus, seed=seed).items()}
+
+
+def synthetic_splits(n: int = PUBLISHED_N_MESSAGES, seed: int = 0, heldout_phrasing: bool = True
+                     ) -> dict[str, list[Example]]:
+    """The train / validation / test splits of the synthetic corpus used for training and evaluation.
+
+    By default (``heldout_phrasing``) validation and test messages are worded from phrasings that no
+    training message uses, so F1 on them measures generalisation rather than recall of memorised
+    sentences; ``heldout_phrasing=False`` gives the split of :func:`default_corpus` (same ids and labels).
+    """
+    return {name: list(examples) for name, examples in _synthetic_splits(n, seed, heldout_phrasing).items()}
+
+
 # --- splits and files ------------------------------------------------------------------------------------
 
-def split_corpus(examples, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-                 ) -> dict[str, list[Example]]:
-    """Deterministic train/validation/test split, stratified by direction; each split keeps input order."""
+def _split_assignment(directions: list[str], seed: int, fractions: tuple[float, float, float]) -> list[str]:
+    """The split name of each message, stratified by direction (depends only on directions and seed)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    examples = list(examples)
     rng = random.Random(seed)
-    split_of: dict[int, str] = {}
+    split_of = [SPLITS[0]] * len(directions)
     for direction in DIRECTIONS:
-        members = [i for i, ex in enumerate(examples) if ex.direction == direction]
+        members = [i for i, d in enumerate(directions) if d == direction]
         rng.shuffle(members)
         n_train = int(round(fractions[0] * len(members)))
         n_val = int(round(fractions[1] * len(members)))
         n_val = min(n_val, len(members) - n_train)
         for rank, i in enumerate(members):
             split_of[i] = SPLITS[0] if rank < n_train else SPLITS[1] if rank < n_train + n_val else SPLITS[2]
+    return split_of
+
+
+def split_corpus(examples, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+                 ) -> dict[str, list[Example]]:
+    """Deterministic train/validation/test split, stratified by direction; each split keeps input order."""
+    examples = list(examples)
+    split_of = _split_assignment([ex.direction for ex in examples], seed, fractions)
     return {name: [ex for i, ex in enumerate(examples) if split_of[i] == name] for name in SPLITS}
 
 
-def write_corpus(out_dir, n: int = PUBLISHED_N_MESSAGES, seed: int = 0) -> dict[str, Path]:
-    """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` under ``out_dir``; returns their paths."""
+def write_corpus(out_dir, n: int = PUBLISHED_N_MESSAGES, seed: int = 0,
+                 heldout_phrasing: bool = True) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` under ``out_dir``; returns their paths.
+    Validation and test use held-out phrasings unless ``heldout_phrasing`` is False (:func:`synthetic_splits`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, examples in split_corpus(generate_corpus(n=n, seed=seed), seed=seed).items():
+    for name, examples in synthetic_splits(n, seed, heldout_phrasing).items():
         paths[name] = out_dir / f"{name}.jsonl"
         write_examples(paths[name], examples)
     return paths
