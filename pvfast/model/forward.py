@@ -155,6 +155,10 @@ def packed_support_problems(model) -> list[str]:
     if impl not in ATTENTION_IMPLEMENTATIONS:
         problems.append(f"attention implementation {impl!r} cannot take a tree mask; use one of "
                         f"{ATTENTION_IMPLEMENTATIONS}")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if impl == TREE_ATTENTION and softcap is not None:
+        problems.append(f"attention logit soft-capping (attn_logit_softcapping={softcap}) under {TREE_ATTENTION!r}; "
+                        f"load the model with attn_implementation='eager'")
     if getattr(config, "is_causal", True) is False or getattr(config, "use_bidirectional_attention", False):
         problems.append("bidirectional (non-causal) attention")
     try:
