@@ -297,7 +297,7 @@ def test_format_config_shows_resolved_values():
 
 
 def test_parse_cli():
-    assert parse_cli([]) == ("pipeline", None, "tiny", [])
+    assert parse_cli([]) == ("pipeline", None, "smollm2-135m", [])  # the default preset: the real model
     assert parse_cli(["sft", "--preset", "qwen2.5-1.5b", "--optim.lr", "1e-4"]) == \
         ("sft", None, "qwen2.5-1.5b", ["--optim.lr", "1e-4"])
     assert parse_cli(["po", "--config=run.yaml", "--po.objective=dpo"]) == \

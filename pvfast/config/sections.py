@@ -82,6 +82,9 @@ class DataConfig:
     test: str | None = None  # JSONL of examples for the final evaluation; None = synthetic test split
     synthetic_n: int = PUBLISHED_N_MESSAGES  # messages in the embedded synthetic corpus (the published count)
     synthetic_seed: int = 0  # seed of the synthetic corpus and of its 80/10/10 train/validation/test split
+    # Synthetic validation/test messages worded only from phrasings no training message uses (F1 measures
+    # generalisation, not recall of memorised sentences; pvfast.data.synth.synthetic_splits); False = shared.
+    synthetic_heldout_phrasing: bool = True
     template: str | None = None  # user-prompt template file; None = the built-in pvfast/data/templates/pvminer_user.txt
     skip_invalid: bool = False  # False: a malformed record stops the run before any compute; True: skip, count it
     token_budget: int = 16384  # tokens per micro-batch pack (prefix tree: shared instruction counted once)
@@ -149,6 +152,9 @@ class RunConfig:
     # with a checkpoint; --run.resume continues exactly. None = run to the end.
     stop_after_steps: int | None = None
     evaluate: bool = True  # generate and score on the test split at the end (SPEC §5)
+    # Pipeline: also score the untouched base model (before SFT) and the SFT model (before PO) on the test
+    # split, and print the three side by side at the end.
+    eval_baselines: bool = False
     eval_max_new_tokens: int = _GENERATION_DEFAULTS.max_new_tokens  # generation cap (SPEC §5: 1024)
     eval_batch_size: int = _GENERATION_DEFAULTS.batch_size  # prompts per generate call
     eval_max_examples: int | None = None  # evaluate the first N test examples; None = all of them

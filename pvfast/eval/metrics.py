@@ -366,3 +366,19 @@ def report_from_dict(data: dict) -> Report:
 __all__ = ["Counts", "MeanStd", "Report", "SPAN_JACCARD_THRESHOLD", "aggregate", "code_labels",
            "greedy_span_matching", "render_table", "report_from_dict", "score_corpus", "span_counts",
            "span_jaccard", "span_words", "spans_match", "subcode_labels"]
+
+
+def render_comparison(named: Sequence[tuple[str, Report]]) -> str:
+    """Models side by side, one row each: Code / Sub-code / Span F1 and the format-error rate (percent).
+
+    For a pipeline's "untouched -> SFT -> PO" summary; every report must cover the same messages.
+    """
+    if not named:
+        raise ValueError("render_comparison needs at least one report")
+    width = max(12, *(len(name) for name, _ in named))
+    lines = [f"{named[0][1].n_messages} test messages, F1 and format errors in %",
+             f"{'model':<{width}}  {'Code F1':>8}  {'Sub-code F1':>11}  {'Span F1':>8}  {'format errors':>13}"]
+    for name, report in named:
+        lines.append(f"{name:<{width}}  {100 * report.code.f1:8.2f}  {100 * report.subcode.f1:11.2f}  "
+                     f"{100 * report.span.f1:8.2f}  {100 * report.format_error_rate:13.2f}")
+    return "\n".join(lines)

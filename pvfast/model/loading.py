@@ -18,7 +18,9 @@ without bitsandbytes.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +28,26 @@ import torch
 from pvfast.config.sections import TRUST_REMOTE_CODE, ModelConfig
 from pvfast.model.gguf import GGUFError, convert_gguf, find_gguf
 from pvfast.model.smollm2 import NAME as SMOLLM2_NAME
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# bitsandbytes (on CPUs with AVX512-BF16) tries at import to fetch an optional CPU kernel through Hugging
+# Face's `kernels` package and logs a warning when that package is absent ("Failed to load CPU
+# gemm_4bit_forward from kernels-community ... `pip install kernels`"); run from the repository root, the
+# import even finds pvfast's own top-level `kernels/` folder and names it. Nothing is broken: bitsandbytes
+# falls back to its own CPU code, which pvfast uses (and must: pvfast.model.loading keeps the trainable 4-bit
+# layout). Only that one message is dropped; every other bitsandbytes warning still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+# transformers' own deprecation notice, raised from inside peft/transformers, not from pvfast code.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class ModelLoadError(RuntimeError):

@@ -16,7 +16,7 @@ from pvfast.config.sections import DataConfig
 from pvfast.data.io import DataError, LoadResult, Problem, load_examples, load_preferences, read_jsonl
 from pvfast.data.prompt import PromptTemplate, TemplateError
 from pvfast.data.records import Example, PreferenceRecord
-from pvfast.data.synth import default_corpus, split_corpus
+from pvfast.data.synth import synthetic_splits
 from pvfast.packing.loss_batch import LossBatch, PackingStats, fit_to_budget, make_loss_batches
 from pvfast.packing.tree import CompletionGroup, group_tree_tokens
 from pvfast.train.errors import BadInput
@@ -71,7 +71,7 @@ def load_stage_data(stage: str, data: DataConfig, needs_test: bool) -> StageData
             raise BadInput(f"data.template {data.template}: {err}") from None
     synthetic = None
     if data.train is None or data.validation is None or (needs_test and data.test is None):
-        synthetic = split_corpus(default_corpus(data.synthetic_n, data.synthetic_seed), data.synthetic_seed)
+        synthetic = synthetic_splits(data.synthetic_n, data.synthetic_seed, data.synthetic_heldout_phrasing)
 
     sources: dict[str, LoadResult] = {}
 
