@@ -5,8 +5,6 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import GenerationConfig
 
 from pvfast.data.io import write_examples
 from pvfast.data.jsonfmt import STOP_TEXT, parse_output, serialize
@@ -198,7 +196,7 @@ def test_truncate_at_stop_text():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generation with the tiny random model: garbage output, counted as format errors
+# Generation with the tiny random model (generation itself is tested in tests/test_generation.py)
 
 
 @pytest.mark.slow
@@ -217,80 +215,3 @@ def test_generate_mode_smoke(files, tmp_path, capsys):
     parsed = [parse_output(outputs[i]) for i in ("m1", "m2")]
     assert report["format_errors"] == sum(p.n_format_errors for p in parsed)
     assert report["format_error_rate"] == pytest.approx(sum(p.n_format_errors > 0 for p in parsed) / 2)
-
-
-class _LengthEchoModel(torch.nn.Module):
-    """A stand-in LM whose ``generate`` writes each row's real prompt length, then EOS and padding.
-
-    It checks the batch it gets: prompts are left-padded (mask 0...0 1...1) with real tokens at the right.
-    Rows also emit the stop text followed by junk, which must be cut off.
-    """
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokenizer = tokenizer
-        self.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-        self.batches = []
-
-    def generate(self, input_ids, attention_mask, generation_config, tokenizer):
-        assert not self.training and generation_config.do_sample is False
-        self.batches.append(input_ids.shape[0])
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            n_real = sum(mask)
-            assert mask == [0] * (len(mask) - n_real) + [1] * n_real  # left padding
-            text = f"{n_real} {STOP_TEXT} junk"
-            rows.append(ids + self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                        + [self.tokenizer.eos_token_id] + self.tokenizer("after eos")["input_ids"])
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [generation_config.pad_token_id] * (width - len(r)) for r in rows])
-
-
-def test_generate_completions_order_padding_and_stops():
-    from pvfast.data.prompt import build_prompt
-    from pvfast.model.generation import generate_completions
-    from pvfast.model.tiny import load_tiny_tokenizer
-
-    tokenizer = load_tiny_tokenizer("qwen2")
-    model = _LengthEchoModel(tokenizer)
-    model.train()
-    side = tokenizer.padding_side
-    examples = [EXAMPLES[0], EXAMPLES[2], EXAMPLES[1], EXAMPLES[0]]
-    outputs = generate_completions(model, tokenizer, examples, batch_size=3, max_new_tokens=5)
-    lengths = [len(tokenizer(build_prompt(tokenizer, ex.direction, ex.message), add_special_tokens=False)
-                   ["input_ids"]) for ex in examples]
-    assert len(set(lengths)) == 3  # the prompts differ in length, so order and padding are exercised
-    assert outputs == [f"{n} {STOP_TEXT}" for n in lengths]
-    assert model.batches == [3, 1]
-    assert model.training and tokenizer.padding_side == side
-
-
-@pytest.mark.slow
-def test_generate_completions_matches_unpadded_greedy_reference():
-    """Batched, left-padded generation with a real (tiny, random) Llama equals a plain greedy loop."""
-    from pvfast.data.prompt import build_prompt
-    from pvfast.model.generation import generate_completions
-    from pvfast.model.tiny import load_tiny_tokenizer
-    from pvfast.testing import load_tiny_model
-
-    model, tokenizer = load_tiny_model("llama"), load_tiny_tokenizer("llama")
-    examples = [EXAMPLES[0], EXAMPLES[2], EXAMPLES[1]]
-    n_new = 5
-    batched = generate_completions(model, tokenizer, examples, batch_size=2, max_new_tokens=n_new)
-    assert len(batched) == 3
-    # The shortest prompt is padded in the first batch; recompute it without padding or KV cache.
-    ids = [tokenizer(build_prompt(tokenizer, ex.direction, ex.message), add_special_tokens=False)["input_ids"]
-           for ex in examples]
-    shortest = min(range(3), key=lambda i: len(ids[i]))
-    tokens = torch.tensor([ids[shortest]])
-    new = []
-    with torch.no_grad():
-        for _ in range(n_new):
-            next_id = int(model(tokens).logits[0, -1].argmax())
-            if next_id == tokenizer.eos_token_id:
-                break
-            new.append(next_id)
-            tokens = torch.cat([tokens, torch.tensor([[next_id]])], dim=1)
-    assert batched[shortest] == tokenizer.decode(new, skip_special_tokens=True)
-    assert examples[shortest].message not in batched[shortest]

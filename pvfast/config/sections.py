@@ -32,6 +32,11 @@ class GenerationConfig:
     batch_size: int = 8  # prompts per generate call
     max_new_tokens: int = 1024  # SPEC §5: max 1024 new tokens
     stop_text: str = STOP_TEXT  # generation also stops when the text ends with this
+    # Schema-constrained decoding: every token keeps the output a prefix of a valid answer (canonical JSON,
+    # codes of the message's direction, valid sub-codes, spans copied verbatim); greedy within that set.
+    constrained: bool = True
+    # Compute the KV cache of the prompts' common instruction prefix once and reuse it for every message.
+    shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         require(self, "batch_size", self.batch_size >= 1, ">= 1")

@@ -1,21 +1,35 @@
-"""Greedy generation of completions for evaluation and pair mining (SPEC §5), and prediction files.
+"""Greedy generation of completions for evaluation, pair mining and extraction (SPEC §5).
 
 :func:`generate_completions` runs a causal LM greedily over examples in batches:
 
 - Prompt: :func:`pvfast.data.prompt.build_prompt` (the model's chat template with the generation prompt), then
   tokenized with ``add_special_tokens=False`` because chat templates write BOS and turn markers themselves
   (adding them again would double BOS on Llama 3).
-- Batching: prompts are sorted by token length (less padding; a stable sort, so the order is
-  deterministic) and left-padded by hand with the pad id (the tokenizer's pad token, else its EOS), so
-  the tokenizer's ``padding_side`` is never touched. Outputs come back in the input order.
-- Stopping: at any EOS / end-of-turn id (the generation config's and the tokenizer's EOS, plus the
-  ChatML / Llama-3 end-of-turn tokens where the vocabulary has them) and at the text ``JSON_END``.
-  ``JSON_END`` is passed to ``generate`` as a stop string (Hugging Face ``StopStringCriteria``: a row
-  stops once its text ends with it) and the decoded text is also truncated after its first
-  ``JSON_END`` (post-hoc, because a batch keeps generating padding for stopped rows and the stop string
-  may end inside a token). The kept text includes ``JSON_END``; :func:`pvfast.data.jsonfmt.parse_output`
-  ignores it.
-- Decoding: only the new tokens, cut at the first stop id, special tokens skipped.
+- Shared prefix (``shared_prefix=True``, the default): every prompt starts with the same instruction, so the
+  prompts are split at their longest common token prefix; its KV cache is computed once per call and read by
+  every message of every batch (:mod:`pvfast.model.prefix_cache`). Each batch then runs only its messages'
+  suffixes and the generated tokens. Models whose attention the shared-prefix path cannot reproduce
+  (sliding windows, soft-capping) and calls whose prompts share less than :data:`MIN_SHARED_PREFIX` tokens
+  run the plain path: the full prompts, left-padded, through the model's own attention and KV cache, as
+  Hugging Face ``generate`` does. Both give the tokens of ``generate`` with greedy decoding (tested token
+  for token).
+- Constrained decoding (``constrained=True``, the default): at every step only tokens that keep the output a
+  prefix of a valid answer for that message may be chosen, and the answer ends with the end-of-turn token
+  (:mod:`pvfast.model.constrained`). ``constrained=False`` is plain greedy decoding.
+- Batching: prompts are sorted by token length (less padding; a stable sort, so the order is deterministic)
+  and left-padded by hand with the pad id (the tokenizer's pad token, else its EOS), so the tokenizer's
+  ``padding_side`` is never touched. A row that has finished leaves the batch (its cache rows are dropped).
+  Outputs come back in the input order.
+- Decoding is pure greedy (argmax over the logits, first index on ties), as ``generate`` with
+  ``do_sample=False``; logits processors a model's generation config may name (repetition penalty, ...) are
+  not applied.
+- Stopping: at any EOS / end-of-turn id (the generation config's and the tokenizer's EOS, plus the ChatML /
+  Llama-3 end-of-turn tokens where the vocabulary has them) and once the text holds ``stop_text``
+  (``JSON_END``); the decoded text is truncated after its first ``JSON_END`` (the stop text may end inside a
+  token). The kept text includes ``JSON_END``; :func:`pvfast.data.jsonfmt.parse_output` ignores it.
+- Decoding text: only the new tokens, cut at the first stop id, special tokens skipped; a constrained answer
+  is the exact bytes of its tokens.
+- Progress: a bar on stderr with messages/s (tqdm); no text is ever shown.
 - The model runs in eval mode under ``torch.inference_mode``; its previous train/eval mode is restored.
 
 Prediction files (``{"id", "output"}`` JSONL) are read and written by :mod:`pvfast.data.predictions`.
@@ -23,8 +37,11 @@ Prediction files (``{"id", "output"}`` JSONL) are read and written by :mod:`pvfa
 
 from __future__ import annotations
 
-import copy
+import inspect
 import os
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +53,8 @@ from pvfast.data.records import Example
 
 #: End-of-turn tokens of common chat templates (ChatML / Qwen, Llama 3); used when in the vocabulary.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
+#: Shorter common prefixes are not worth a separate pass: the plain path runs instead.
+MIN_SHARED_PREFIX = 16
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -78,24 +97,168 @@ def truncate_at_stop_text(text: str, stop_text: str = STOP_TEXT) -> str:
     return text if cut < 0 else text[:cut + len(stop_text)]
 
 
-def _greedy_config(model, max_new_tokens: int, pad_id: int, eos_ids: list[int], stop_text: str):
-    # A copy of the model's own config with sampling switched off; explicit None for the sampling
-    # knobs avoids warnings from instruct models whose config sets temperature / top_p.
-    config = copy.deepcopy(model.generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    config.temperature = None
-    config.top_p = None
-    config.top_k = None
-    config.max_new_tokens = max_new_tokens
-    config.max_length = None
-    config.pad_token_id = pad_id
-    config.eos_token_id = eos_ids
-    config.stop_strings = [stop_text]  # StopStringCriteria; generate() needs the tokenizer for it
-    return config
+# ----------------------------------------------------------------------------------------------------
+# Runners: one batch's forward passes (prefill, then one token per row per step)
+# ----------------------------------------------------------------------------------------------------
+
+def _model_device(model) -> torch.device:
+    # Inputs go where the embeddings are (HF models expose it as .device, also under device_map).
+    return getattr(model, "device", None) or next(model.parameters()).device
 
 
-def generate_completions(
+def _cache_argument(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+class PlainRunner:
+    """Full prompts, left-padded, through the model's own attention and KV cache (what ``generate`` does)."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = _model_device(model)
+        self.cache_arg = _cache_argument(model)
+
+    def start(self, prompts: Sequence[list[int]], max_new_tokens: int) -> torch.Tensor:
+        """Prefill; returns the (B, V) logits of the next token."""
+        input_ids, mask = _left_pad(prompts, self.pad_id)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's position ids
+        self.mask = mask.to(self.device)
+        self.last_position = positions[:, -1].to(self.device)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=self.mask,
+                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
+        self.cache = _returned_cache(out)
+        return out.logits[:, -1]
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token per row; returns the (B, V) logits of the next one."""
+        ones = torch.ones((len(tokens), 1), dtype=self.mask.dtype, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.last_position = self.last_position + 1
+        out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1), attention_mask=self.mask,
+                         position_ids=self.last_position.unsqueeze(1), use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: self.cache})
+        self.cache = _returned_cache(out)
+        return out.logits[:, -1]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Drop every batch row not in ``rows`` (positions in the current batch)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.last_position = self.last_position[index]
+
+
+class SharedPrefixRunner:
+    """Suffixes after a shared prefix whose KV cache was computed once (:mod:`pvfast.model.prefix_cache`)."""
+
+    def __init__(self, model, pad_id: int, prefix_ids: Sequence[int]):
+        from pvfast.model.prefix_cache import PrefixKV
+
+        self.model, self.pad_id = model, pad_id
+        self.device = _model_device(model)
+        self.cache_arg = _cache_argument(model)
+        self.prefix = PrefixKV.compute(model, prefix_ids, self.device, self.cache_arg)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self.mask[:, :self.length],
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1]
+
+    def start(self, suffixes: Sequence[list[int]], max_new_tokens: int) -> torch.Tensor:
+        from pvfast.model.prefix_cache import batch_cache
+
+        input_ids, mask = _left_pad(suffixes, self.pad_id)
+        batch, length = input_ids.shape
+        p = self.prefix.length
+        capacity = p + length + max_new_tokens
+        self.cache = batch_cache(self.prefix, batch, capacity)
+        # mask[b, j]: position j of row b is attended to (prefix and real tokens; 0 on the padding)
+        self.mask = torch.ones((batch, capacity), dtype=torch.long, device=self.device)
+        self.mask[:, p:p + length] = mask.to(self.device)
+        self.length = p + length
+        positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_position = (p + mask.sum(-1)).to(self.device)
+        return self._forward(input_ids.to(self.device), positions.to(self.device))
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        self.length += 1
+        logits = self._forward(torch.tensor(tokens, device=self.device).unsqueeze(1), self.next_position.unsqueeze(1))
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep(self, rows: Sequence[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.next_position = self.next_position[index]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The greedy loop
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    """One example's generated tokens and text; ``stopped``: ended by a stop token, the stop text or the
+    constraint (False: it ran into ``max_new_tokens``)."""
+
+    tokens: list[int]
+    text: str = ""
+    stopped: bool = False
+
+
+def _greedy_batch(runner, prompts: Sequence[list[int]], max_new_tokens: int, stop_ids: set[int], tokenizer,
+                  stop_text: str, constraints: Sequence | None) -> list[Generation]:
+    """Greedy decoding of one batch; ``constraints``: one :class:`ConstrainedAnswer` per row, or None."""
+    rows = [Generation([]) for _ in prompts]
+    logits = runner.start(prompts, max_new_tokens)
+    active = list(range(len(rows)))  # rows still generating, in the runner's batch order
+    tail = len(stop_text) + 2  # tokens decoded to look for the stop text (every token is >= 1 character)
+    for step in range(max_new_tokens):
+        remaining = max_new_tokens - step
+        if constraints is None:
+            chosen = logits.argmax(-1).tolist()
+        else:
+            chosen = []
+            for k, r in enumerate(active):
+                allowed = torch.from_numpy(constraints[r].allowed(remaining)).to(logits.device)
+                chosen.append(int(allowed[logits[k].index_select(0, allowed).argmax()]))
+        still = []
+        for k, (r, token) in enumerate(zip(active, chosen)):
+            row = rows[r]
+            row.tokens.append(token)
+            if constraints is not None:
+                constraints[r].advance(token)
+                row.stopped = constraints[r].done
+            else:
+                row.stopped = token in stop_ids or (
+                    bool(stop_text) and stop_text in tokenizer.decode(row.tokens[-tail:]))
+            if not row.stopped:
+                still.append(k)
+        if not still or step == max_new_tokens - 1:
+            break
+        if len(still) < len(active):
+            runner.keep(still)
+            active = [active[k] for k in still]
+        logits = runner.step([rows[r].tokens[-1] for r in active])
+    for r, row in enumerate(rows):
+        if constraints is not None:
+            row.text = constraints[r].text
+        else:
+            end = next((k for k, t in enumerate(row.tokens) if t in stop_ids), len(row.tokens))
+            row.text = truncate_at_stop_text(tokenizer.decode(row.tokens[:end], skip_special_tokens=True), stop_text)
+    return rows
+
+
+def generate(
     model,
     tokenizer,
     examples: Sequence[Example],
@@ -104,8 +267,12 @@ def generate_completions(
     max_new_tokens: int = GenerationConfig.max_new_tokens,
     template=None,
     stop_text: str = STOP_TEXT,
-) -> list[str]:
-    """Greedy completions, one per example, in the order of ``examples`` (see the module docstring)."""
+    constrained: bool = GenerationConfig.constrained,
+    shared_prefix: bool = GenerationConfig.shared_prefix,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Generation]:
+    """Greedy generations, one per example, in the order of ``examples`` (see the module docstring)."""
     from pvfast.data.prompt import build_prompt
 
     if batch_size < 1:
@@ -118,34 +285,82 @@ def generate_completions(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = _pad_id(tokenizer)
-    eos_ids = stop_token_ids(model, tokenizer)
-    gen_config = _greedy_config(model, max_new_tokens, pad_id, eos_ids, stop_text)
-    # Inputs go where the embeddings are (HF models expose it as .device, also under device_map).
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    eos_set = set(eos_ids)
+    stop_ids = set(stop_token_ids(model, tokenizer))
+    table = end_of_turn = None
+    if constrained:
+        from pvfast.data.tokenization import end_of_turn_id
+        from pvfast.model.constrained import token_table
 
-    outputs = [""] * len(examples)
+        table, end_of_turn = token_table(tokenizer), end_of_turn_id(tokenizer)
+    outputs: list[Generation | None] = [None] * len(examples)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
+            runner, prefix = _runner(model, pad_id, encoded, shared_prefix)
+            bar = _progress(len(examples), desc, progress)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=gen_config,
-                    tokenizer=tokenizer,  # StopStringCriteria maps stop_text onto tokens with it
-                )
-                new_tokens = generated[:, input_ids.shape[1]:].tolist()
-                for i, tokens in zip(batch, new_tokens):
-                    end = next((k for k, t in enumerate(tokens) if t in eos_set), len(tokens))
-                    text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-                    outputs[i] = truncate_at_stop_text(text, stop_text)
+                constraints = None
+                if constrained:
+                    from pvfast.model.constrained import ConstrainedAnswer
+
+                    constraints = [ConstrainedAnswer(table, examples[i].message, examples[i].direction, end_of_turn)
+                                   for i in batch]
+                rows = [encoded[i][prefix:] for i in batch]
+                for i, row in zip(batch, _greedy_batch(runner, rows, max_new_tokens, stop_ids, tokenizer,
+                                                       stop_text, constraints)):
+                    outputs[i] = row
+                bar.update(len(batch))
+            bar.close()
     finally:
         model.train(was_training)
     return outputs
+
+
+def _runner(model, pad_id: int, encoded: Sequence[list[int]], shared_prefix: bool):
+    """``(runner, prefix length)``: the shared-prefix runner when it applies, else the plain one."""
+    from pvfast.model.prefix_cache import SharedPrefixUnsupported, common_prefix_length, unsupported_reason
+
+    # Every row keeps at least one token after the prefix: the prefill's last position gives the first logits.
+    length = min(common_prefix_length(encoded), min(len(e) for e in encoded) - 1)
+    if not shared_prefix or length < MIN_SHARED_PREFIX:
+        return PlainRunner(model, pad_id), 0
+    reason = unsupported_reason(model)
+    if reason is None:
+        try:
+            return SharedPrefixRunner(model, pad_id, encoded[0][:length]), length
+        except SharedPrefixUnsupported as err:
+            reason = str(err)
+    warnings.warn(f"shared-prefix generation does not support this model ({reason}); generating from the full "
+                  "prompts", stacklevel=3)
+    return PlainRunner(model, pad_id), 0
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # Counts messages only: no text of any message or output is ever shown.
+    return tqdm(total=total, desc=desc, unit="msg", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def generate_completions(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = GenerationConfig.batch_size,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
+    template=None,
+    stop_text: str = STOP_TEXT,
+    constrained: bool = GenerationConfig.constrained,
+    shared_prefix: bool = GenerationConfig.shared_prefix,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy completions, one per example, in the order of ``examples`` (see the module docstring)."""
+    return [g.text for g in generate(model, tokenizer, examples, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, template=template, stop_text=stop_text,
+                                     constrained=constrained, shared_prefix=shared_prefix, progress=progress)]
 
 
 # ----------------------------------------------------------------------------------------------------
