@@ -127,3 +127,34 @@ PAIRS_ALIASES: Mapping[str, str] = {
     **GENERATION_ALIASES,
     **{f.name: f"pairs.{f.name}" for f in dataclasses.fields(PairConfig)},
 }
+
+
+@dataclass(frozen=True)
+class ExtractCommandConfig(GenerationOptions):
+    """``python -m pvfast.extract``: (Code, Sub-code, Span) triples for new messages from a trained model.
+
+    ``template`` None means the run's template with ``run`` (the prompt the model was trained on), the
+    built-in one with ``model``; a run trained with ``model.quant nf4`` loads its base in NF4 as training did.
+    """
+
+    input: str | None = None  # messages (required): JSONL of {id, direction, message}, or a .csv with those columns
+    out: str | None = None  # output JSONL (required): {id, results, valid, problems} per message, in input order
+    run: str | None = None  # a finished python -m pvfast.train output folder: its final model is used
+    model: str | None = None  # instead of run: a model folder (or .gguf file / hub id) to generate with
+    adapter: str | None = None  # a peft adapter folder on top of model
+    merge_adapter: bool = True  # fold the adapter into the weights before generating (faster; kept apart in 4-bit)
+
+    def check_complete(self) -> None:
+        """Checks that need the whole command line and config file."""
+        for name, what in (("input", "the messages to extract from (JSONL or CSV with id, direction, message)"),
+                           ("out", "the JSONL file to write the extracted triples to")):
+            if getattr(self, name) is None:
+                raise FieldError(type(self).__name__, name, f"is required: {what}")
+        if (self.run is None) == (self.model is None):
+            raise FieldError(type(self).__name__, "run", "give exactly one of --run (a python -m pvfast.train "
+                                                         "output folder) and --model (a model folder)")
+        if self.adapter is not None and self.model is None:
+            raise FieldError(type(self).__name__, "adapter", "needs --model (a run folder brings its own adapter)")
+
+
+EXTRACT_ALIASES: Mapping[str, str] = {**GENERATION_ALIASES}

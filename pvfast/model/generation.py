@@ -371,14 +371,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
-                              dtype: str = "auto", device: str | None = None, load_in_4bit: bool = False):
+                              dtype: str = "auto", device: str | None = None, load_in_4bit: bool = False,
+                              merge: bool = False):
     """``(model, tokenizer)`` from a saved model directory, with an optional peft adapter on top.
 
     ``dtype="auto"``: bfloat16 on a GPU, float32 on the CPU. ``load_in_4bit``: bitsandbytes NF4 with
     double quantization (the QLoRA base of the published recipe). The tokenizer is read from the
-    adapter directory when it holds one (training may add tokens), else from ``model_dir``.
+    adapter directory when it holds one (training may add tokens), else from ``model_dir``. ``merge``
+    folds the adapter into the weights (``merge_and_unload``: one matmul per projection instead of three;
+    the logits change by rounding only); a 4-bit base keeps the adapter apart. A directory or adapter
+    that cannot be loaded is a :class:`pvfast.model.loading.ModelLoadError` naming it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pvfast.config.sections import TRUST_REMOTE_CODE
+    from pvfast.model.loading import ModelLoadError
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -388,7 +395,7 @@ def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.Pa
         torch_dtype = DTYPES[dtype]
     else:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    kwargs = dict(dtype=torch_dtype, device_map=device)
+    kwargs = dict(dtype=torch_dtype, device_map=device, trust_remote_code=TRUST_REMOTE_CODE)
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -397,21 +404,19 @@ def load_model_for_generation(model_dir: str | os.PathLike, adapter: str | os.Pa
             bnb_4bit_compute_dtype=torch_dtype)
     tokenizer_dir = adapter if adapter is not None and Path(adapter, "tokenizer_config.json").is_file() \
         else model_dir
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=TRUST_REMOTE_CODE)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as err:  # OSError, ValueError, safetensors' own error, size mismatches: all "cannot load"
+        raise ModelLoadError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from err
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as err:
+            raise ModelLoadError(f"{adapter}: cannot load the adapter ({type(err).__name__}: {err})") from err
+        if merge and not load_in_4bit:
+            model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
-
-
-def add_generation_arguments(parser) -> None:
-    """The generation flags shared by ``python -m pvfast.evaluate`` and ``python -m pvfast.pairs``."""
-    parser.add_argument("--template", type=Path, help="prompt template file (pvfast.data.prompt.PromptTemplate)")
-    parser.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base model (bitsandbytes)")
