@@ -64,12 +64,17 @@ def test_plan_covers_every_attended_pair_exactly_once(seed):
     for max_chain in (512, 3):
         plan = TreeAttentionPlan(batch.subtree_end, batch.position_ids, max_chain=max_chain)
         cover = torch.zeros(batch.num_tokens, batch.num_tokens, dtype=torch.int64)
+        written = torch.zeros(batch.num_tokens, dtype=torch.bool)
         for p in plan.parts:
             block = torch.ones(p.q1 - p.q0, p.k1 - p.k0, dtype=torch.int64)
             cover[p.q0:p.q1, p.k0:p.k1] += block.tril() if p.causal else block
+            if p.fresh:  # the forward copies a fresh part's rows: no earlier part may have written them
+                assert not written[p.q0:p.q1].any()
+            written[p.q0:p.q1] = True
+            assert not p.causal or p.q1 - p.q0 <= max_chain
         assert torch.equal(cover, allowed.long())  # every attended pair once, nothing else
         assert plan.pairs == int(allowed.sum())  # the cost follows the tree
-        assert all(b - a <= max_chain for a, b, _ in chains(batch.subtree_end, max_chain))
+        assert any(p.fresh for p in plan.parts)
 
 
 def test_chains_of_the_docstring_tree():

@@ -71,13 +71,17 @@ _ROW_FLAG = "_pvfast_tree_row"  # marks the (1, L) all-True padding mask a tree 
 
 @dataclass(frozen=True)
 class Part:
-    """Queries ``[q0, q1)`` attend keys ``[k0, k1)``; causal parts have q0 == k0 and q1 == k1."""
+    """Queries ``[q0, q1)`` attend keys ``[k0, k1)``; causal parts have q0 == k0 and q1 == k1.
+
+    ``fresh``: no earlier part of the plan wrote these rows (the forward copies instead of merging).
+    """
 
     q0: int
     q1: int
     k0: int
     k1: int
     causal: bool
+    fresh: bool = False
 
     @property
     def pairs(self) -> int:
@@ -85,20 +89,19 @@ class Part:
         return n * (n + 1) // 2 if self.causal else n * m
 
 
-# Longest chain piece: a long chain (the shared instruction) is cut into pieces of at most this many tokens, each
-# a causal part plus a dense part for the rest of the chain and its subtree. The flash kernel's backward skips
-# little of a causal part's upper triangle; dense rectangles it runs at full speed. Measured on 2 CPU threads
+# Longest causal part: a long chain (the shared instruction) is cut into pieces of at most this many tokens;
+# piece i is a causal part plus a dense part over the chain's earlier pieces. The flash kernel's backward skips
+# little of a causal part's upper triangle, dense rectangles it runs at full speed. Measured on 2 CPU threads
 # (a 3,449-token chain, 9 heads, head dim 64, forward + backward): 3449 -> 2.34 s, 1024 -> 2.17 s, 512 -> 1.99 s,
 # 256 -> 2.55 s (more, smaller calls).
 MAX_CHAIN = 512
 
 
-def chains(subtree_end: torch.Tensor, max_chain: int = MAX_CHAIN) -> list[tuple[int, int, int]]:
+def chains(subtree_end: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(a, b, e)`` per chain in row order: tokens ``[a, b)``, descendants ``[b, e)`` (see the module docstring).
 
     Token i continues the chain of token i-1 iff it is i-1's only child: ``i < subtree_end[i-1]`` (a descendant,
     hence the first child in depth-first order) and ``subtree_end[i] == subtree_end[i-1]`` (nothing else below).
-    Chains longer than ``max_chain`` are cut into pieces (the rest of the chain is a descendant of each piece).
     """
     end = subtree_end.detach().to("cpu", torch.int64)
     length = end.numel()
@@ -109,16 +112,31 @@ def chains(subtree_end: torch.Tensor, max_chain: int = MAX_CHAIN) -> list[tuple[
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), idx[~same]]).tolist()
     stops = starts[1:] + [length]
     ends = end[torch.tensor(starts)].tolist()
-    return [(p, min(p + max_chain, b), e) for a, b, e in zip(starts, stops, ends) for p in range(a, b, max_chain)]
+    return list(zip(starts, stops, ends))
 
 
-def parts_of(chain_list: list[tuple[int, int, int]]) -> list[Part]:
-    """The causal and descendant parts of every chain (every attended pair in exactly one part)."""
+def parts_of(chain_list: list[tuple[int, int, int]], max_chain: int = MAX_CHAIN) -> list[Part]:
+    """The parts of every chain, every attended pair in exactly one part::
+
+        chain [a, b), pieces a = p0 < p1 < ... < pm = b of at most max_chain tokens:
+            piece i        queries [p_i, p_i+1) x keys [p_i, p_i+1)   causal
+            piece i > 0    queries [p_i, p_i+1) x keys [a, p_i)       dense (the chain's earlier pieces)
+            descendants    queries [b, e)       x keys [a, b)         dense
+    """
+    if max_chain < 1:
+        raise ValueError(f"max_chain must be >= 1, got {max_chain}")
     parts = []
+    reach = 0  # rows written so far end here (descendant parts write ahead of the chains they cover)
     for a, b, e in chain_list:
-        parts.append(Part(a, b, a, b, True))
+        fresh_chain = a >= reach
+        for p in range(a, b, max_chain):
+            q = min(p + max_chain, b)
+            parts.append(Part(p, q, p, q, True, fresh=fresh_chain))
+            if p > a:
+                parts.append(Part(p, q, a, p, False))
         if b < e:
-            parts.append(Part(b, e, a, b, False))
+            parts.append(Part(b, e, a, b, False, fresh=b >= reach))
+        reach = max(reach, e)
     return parts
 
 
@@ -139,7 +157,7 @@ class TreeAttentionPlan:
         self.device = subtree_end.device
         self.layer_windows: list[int | None] | None = None  # per layer, from the config (checked per call)
         self.calls = 0  # attention calls that ran the plan (packed_forward checks every layer did)
-        self.parts = parts_of(chains(subtree_end, max_chain))
+        self.parts = parts_of(chains(subtree_end), max_chain)
         self.depth = position_ids.detach().to("cpu", torch.int64)
         # (1, L) all-True padding mask: transformers builds no mask for it (see _tree_or_sdpa_mask).
         self.row_mask = torch.ones((1, self.length), dtype=torch.bool, device=self.device)
@@ -252,11 +270,19 @@ class _TreeAttention(torch.autograd.Function):
             if empty is not None:  # rows the window leaves without a key: the kernel reports lse 0, not -inf
                 m = m.masked_fill(empty, float("-inf"))
             rows = slice(part.q0, part.q1)
-            old = lse[:, :, rows]
+            acc, old = out[:, :, rows], lse[:, :, rows]
+            if part.fresh and empty is None:
+                acc.copy_(o)
+                old.copy_(m)
+                continue
+            # Online-softmax merge: (acc, old) and (o, m) -> weights exp(old - new), exp(m - new).
             new = torch.logaddexp(old, m)
-            safe = new.masked_fill(torch.isinf(new), 0.0)  # rows still without any key keep weight 0, no NaN
-            acc = out[:, :, rows]
-            acc.mul_((old - safe).exp_().unsqueeze(-1)).add_(o.float() * (m - safe).exp_().unsqueeze(-1))
+            if empty is not None or part.fresh:  # a row may have no key yet on either side: weight 0, no NaN
+                new_safe = new.masked_fill(torch.isinf(new), 0.0)
+            else:
+                new_safe = new
+            acc.mul_((old - new_safe).exp_().unsqueeze(-1))
+            acc.add_(o.float().mul_((m - new_safe).exp_().unsqueeze(-1)))
             old.copy_(new)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)

@@ -176,8 +176,12 @@ def load_base_model(cfg: ModelConfig, device: torch.device, source: str | None =
 
     source = model_source(cfg) if source is None else source
     dtype = compute_dtype(cfg, device)
+    # Attention (the tree-attention helper's edit): "sdpa" resolves to the measured default of the device,
+    # pvfast_tree on the CPU (pvfast.model.forward.resolve_attn_implementation, which also registers it).
+    from pvfast.model.forward import resolve_attn_implementation
+
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=TRUST_REMOTE_CODE,
-                  attn_implementation=cfg.attn_implementation)
+                  attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = _quantization_config(dtype)
         # bitsandbytes quantizes while loading onto the target device
