@@ -13,6 +13,8 @@ from setuptools import setup
 
 # One translation unit: CI compiles on two cores and torch/extension.h dominates compile time.
 CPP_SOURCES = ["csrc/pvfast_ops.cpp"]
+# pvfast_stats.h is generated from pvfast/objectives/stats.py (`python -m pvfast.ops.codegen`).
+CPP_HEADERS = ["csrc/pvfast_ops.h", "csrc/pvfast_stats.h"]
 
 
 def _log(message: str) -> None:
@@ -42,6 +44,7 @@ def cpp_extension_kwargs() -> dict:
     extension = CppExtension(
         name="pvfast._C",
         sources=CPP_SOURCES,
+        depends=CPP_HEADERS,
         extra_compile_args=["-O3", "-fno-trapping-math", *openmp],
         extra_link_args=[*openmp, *rpath],
     )

@@ -9,6 +9,7 @@
 // parallel region (at::mm on a tile) see omp_in_parallel() and run single-threaded, not nested.
 
 #include "pvfast_ops.h"
+#include "pvfast_stats.h"  // generated from pvfast/objectives/stats.py
 
 #include <torch/extension.h>
 
@@ -128,22 +129,71 @@ PVFAST_SIMD_CLONES float exp_shifted_into(const float* x, int64_t n, float shift
   return s;
 }
 
+// Final-logit soft-capping (Gemma 2): z' = c·tanh(z / c), in place, written as c − 2c / (exp(2z/c) + 1)
+// so that it vectorises with exp_fp32 (absolute error ≈ c · 1e-7; saturates to ±c, never NaN).
+PVFAST_SIMD_CLONES void softcap_inplace(float* x, int64_t n, float cap) {
+  const float two_over_cap = 2.0f / cap;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = cap - 2.0f * cap / (exp_fp32(x[i] * two_over_cap) + 1.0f);
+}
+
+// Capped rows (x = z'): out_i = exp(x_i − shift) · (1 − (x_i / c)²), the softmax weight times
+// dz'/dz; returns Σ_i exp(x_i − shift) (the softmax normaliser has no derivative factor). out may alias x.
+PVFAST_SIMD_CLONES float exp_shifted_capped_into(const float* x, int64_t n, float shift, float inv_cap,
+                                                 float* out) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_fp32(x[i] - shift);
+    const float r = x[i] * inv_cap;
+    s += e;
+    out[i] = e * (1.0f - r * r);
+  }
+  return s;
+}
+
+// Capped rows (x = z'): out_i = −g · exp(x_i − lse) · (1 − (x_i / c)²); out may alias x.
+PVFAST_SIMD_CLONES void neg_scaled_capped_softmax(const float* x, int64_t n, float lse, float g,
+                                                  float inv_cap, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = x[i] * inv_cap;
+    out[i] = -g * exp_fp32(x[i] - lse) * (1.0f - r * r);
+  }
+}
+
+// dz'/dz = 1 − (z'/c)² at a capped logit z' (1 when capping is off).
+inline float softcap_slope(float capped, float cap) {
+  if (cap <= 0.0f) return 1.0f;
+  const float r = capped / cap;
+  return 1.0f - r * r;
+}
+
 // Online log-sum-exp state of one row: running max m and Σ exp(x − m).
+// The running sum is a double: a vocabulary of 150k entries is hundreds of block sums, and their fp32
+// accumulation would cost more accuracy than the fp32 exp of each entry.
 struct OnlineLse {
   float max = kNegInf;
-  float sum = 0.0f;
+  double sum = 0.0;
 
   void add_block(const float* x, int64_t n) {
     const float block_max = max_of(x, n);
     if (block_max == kNegInf) return;  // every entry is −inf: contributes nothing
     if (block_max > max) {
-      sum *= std::exp(max - block_max);
+      sum *= std::exp(static_cast<double>(max) - block_max);
       max = block_max;
     }
     sum += sum_exp_shifted(x, n, max);
   }
-  float value() const { return max == kNegInf ? kNegInf : max + std::log(sum); }
+  float value() const { return max == kNegInf ? kNegInf : static_cast<float>(max + std::log(sum)); }
 };
+
+// acc[i] += add[i] for n entries: an fp32 block product folded into a double accumulator, so that the
+// accumulated error does not grow with the number of vocabulary blocks (V / kVocabBlock of them).
+PVFAST_SIMD_CLONES void accumulate_double(double* acc, const float* add, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += add[i];
+}
 
 // A float view of n entries of src: src itself for fp32, else converted into buf.
 template <typename scalar_t>
@@ -356,10 +406,13 @@ struct LinearProblem {
   int64_t n, hidden_size, vocab;
   std::vector<int64_t> rows;  // scored token indices
   int64_t num_blocks;         // ceil(V / kVocabBlock)
+  float softcap;              // c of z' = c·tanh(z/c); 0 = no capping
 };
 
 LinearProblem make_linear_problem(const at::Tensor& hidden, const at::Tensor& weight,
-                                  const at::Tensor& targets, int64_t ignore_index) {
+                                  const at::Tensor& targets, int64_t ignore_index, double softcap) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "pvfast._C: softcap must be a finite number > 0 "
+              "(or 0 for no capping), got ", softcap);
   check_float_matrix(hidden, "hidden");
   check_float_matrix(weight, "weight");
   TORCH_CHECK(hidden.size(1) == weight.size(1), "pvfast._C: hidden (N, H) and weight (V, H) "
@@ -376,6 +429,7 @@ LinearProblem make_linear_problem(const at::Tensor& hidden, const at::Tensor& we
   p.targets = targets.contiguous();
   p.rows = scored_tokens(p.targets.data_ptr<int64_t>(), p.n, ignore_index);
   p.num_blocks = (p.vocab + kVocabBlock - 1) / kVocabBlock;
+  p.softcap = static_cast<float>(softcap);
   return p;
 }
 
@@ -384,7 +438,8 @@ struct TileScratch {
   at::Tensor hidden_tile;  // (kTokenTile·H) fp32: the tile's hidden rows
   at::Tensor logit_tile;   // (kTokenTile·kVocabBlock) fp32: logits, then their gradient
   at::Tensor weight_block;  // (kVocabBlock·H) fp32 copy of a weight block (non-fp32 weights only)
-  at::Tensor grad_hidden_tile;  // (kTokenTile·H) fp32 (backward only)
+  at::Tensor grad_hidden_tile;  // (kTokenTile·H) fp32: one vocabulary block's product (backward only)
+  std::vector<double> acc_tile;  // (kTokenTile·H) double: the tile's accumulator over blocks (backward only)
 };
 
 std::vector<TileScratch> make_scratch(const LinearProblem& p, int threads, bool backward) {
@@ -394,7 +449,10 @@ std::vector<TileScratch> make_scratch(const LinearProblem& p, int threads, bool 
     s.hidden_tile = at::empty({kTokenTile * p.hidden_size}, f32_cpu());
     s.logit_tile = at::empty({kTokenTile * kVocabBlock}, f32_cpu());
     if (convert_weight) s.weight_block = at::empty({kVocabBlock * p.hidden_size}, f32_cpu());
-    if (backward) s.grad_hidden_tile = at::empty({kTokenTile * p.hidden_size}, f32_cpu());
+    if (backward) {
+      s.grad_hidden_tile = at::empty({kTokenTile * p.hidden_size}, f32_cpu());
+      s.acc_tile.resize(static_cast<size_t>(kTokenTile * p.hidden_size));
+    }
   }
   return scratch;
 }
@@ -443,8 +501,8 @@ const float* as_fp32_row(const at::Tensor& matrix, int64_t v, float* buf) {
 
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t ignore_index) {
-  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index);
+    int64_t ignore_index, double softcap) {
+  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index, softcap);
   at::Tensor logp = at::zeros({p.n}, f32_cpu());
   at::Tensor lse = at::zeros({p.n}, f32_cpu());
   const int64_t num_scored = static_cast<int64_t>(p.rows.size());
@@ -481,7 +539,8 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
         const at::Tensor w_block = weight_block_fp32(p, s, v0, len);
         at::Tensor logits = s.logit_tile.narrow(0, 0, tile_rows * len).view({tile_rows, len});
         at::mm_out(logits, h_tile, w_block.t());
-        const float* z = logits.data_ptr<float>();
+        float* z = logits.data_ptr<float>();
+        if (p.softcap > 0.0f) softcap_inplace(z, tile_rows * len, p.softcap);
         for (int64_t r = 0; r < tile_rows; ++r) {
           const float* row = z + r * len;
           const int64_t hit = y[rows[r]] - v0;
@@ -501,8 +560,8 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_grad(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t ignore_index) {
-  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index);
+    int64_t ignore_index, double softcap) {
+  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index, softcap);
   const int64_t H = p.hidden_size;
   at::Tensor logp = at::zeros({p.n}, f32_cpu());
   at::Tensor lse = at::zeros({p.n}, f32_cpu());
@@ -513,7 +572,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_gr
   const int threads = team_threads();
   const int64_t per_thread = (num_scored + threads - 1) / threads;
   const int64_t tile = std::min(kTokenTile, std::max(kMinTokenTile, per_thread));
-  // backward=true: grad_hidden_tile holds the tile's running Σ_v exp(z_v − m) W_v
+  // backward=true: acc_tile holds the tile's running Σ_v exp(z_v − m) W_v (double), grad_hidden_tile
+  // one block's product
   std::vector<TileScratch> scratch = make_scratch(p, threads, /*backward=*/true);
   float* logp_out = logp.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
@@ -533,9 +593,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_gr
       const int64_t* rows = p.rows.data() + start;
       gather_hidden_fp32(p.hidden, rows, tile_rows, s.hidden_tile.data_ptr<float>());
       const at::Tensor h_tile = s.hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
-      at::Tensor acc_tile = s.grad_hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
-      acc_tile.zero_();
-      float* acc = acc_tile.data_ptr<float>();
+      at::Tensor prod_tile = s.grad_hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
+      double* acc = s.acc_tile.data();
+      std::fill(acc, acc + tile_rows * H, 0.0);
       std::fill(row_lse.begin(), row_lse.begin() + tile_rows, OnlineLse{});
 
       for (int64_t b = 0; b < p.num_blocks; ++b) {
@@ -545,8 +605,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_gr
         at::Tensor probs = s.logit_tile.narrow(0, 0, tile_rows * len).view({tile_rows, len});
         at::mm_out(probs, h_tile, w_block.t());
         float* z = probs.data_ptr<float>();
-        // in place: logits → exp(z − m_new); the accumulator row is rescaled when its max grows,
-        // exactly like the online log-sum-exp (flash-attention style)
+        if (p.softcap > 0.0f) softcap_inplace(z, tile_rows * len, p.softcap);
+        // in place: logits → exp(z − m_new) (times dz'/dz when capped); the accumulator row is
+        // rescaled when its max grows, exactly like the online log-sum-exp (flash-attention style)
         for (int64_t r = 0; r < tile_rows; ++r) {
           float* row = z + r * len;
           const int64_t hit = y[rows[r]] - v0;
@@ -558,29 +619,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_gr
             continue;
           }
           if (block_max > state.max) {
-            const float scale = std::exp(state.max - block_max);
+            const double scale = std::exp(static_cast<double>(state.max) - block_max);
             state.sum *= scale;
-            float* a = acc + r * H;
+            double* a = acc + r * H;
 #pragma omp simd
             for (int64_t k = 0; k < H; ++k) a[k] *= scale;
             state.max = block_max;
           }
-          state.sum += exp_shifted_into(row, len, state.max, row);
+          state.sum += p.softcap > 0.0f
+                           ? exp_shifted_capped_into(row, len, state.max, 1.0f / p.softcap, row)
+                           : exp_shifted_into(row, len, state.max, row);
         }
-        acc_tile.addmm_(probs, w_block);
+        at::mm_out(prod_tile, probs, w_block);
+        accumulate_double(acc, prod_tile.data_ptr<float>(), tile_rows * H);
       }
       for (int64_t r = 0; r < tile_rows; ++r) {
         const int64_t t = rows[r];
         const float value = row_lse[r].value();
         lse_out[t] = value;
         logp_out[t] = target_logit[r] - value;
-        // dℓ_t/dh_t = W[y_t] − Σ_v softmax_v W_v = W[y_t] − acc / sum
+        // dℓ_t/dh_t = s_y W[y_t] − Σ_v softmax_v s_v W_v = s_y W[y_t] − acc / sum, with the slope
+        // s_v = dz'_v/dz_v of the soft-cap (1 without capping)
         const float* w_target = as_fp32_row(p.weight, y[t], target_row.data());
-        const float inv_sum = 1.0f / row_lse[r].sum;
-        const float* a = acc + r * H;
+        const float slope = softcap_slope(target_logit[r], p.softcap);
+        const double inv_sum = 1.0 / row_lse[r].sum;
+        const double* a = acc + r * H;
         float* dst = dir_out + t * H;
 #pragma omp simd
-        for (int64_t k = 0; k < H; ++k) dst[k] = w_target[k] - a[k] * inv_sum;
+        for (int64_t k = 0; k < H; ++k) dst[k] = static_cast<float>(slope * w_target[k] - a[k] * inv_sum);
       }
     }
   }
@@ -589,9 +655,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_with_gr
 
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const at::Tensor& lse, const at::Tensor& grad_logp, int64_t ignore_index,
+    const at::Tensor& lse, const at::Tensor& grad_logp, int64_t ignore_index, double softcap,
     bool need_weight_grad) {
-  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index);
+  const LinearProblem p = make_linear_problem(hidden, weight, targets, ignore_index, softcap);
   check_f32_vector(lse, p.n, "lse");
   check_f32_vector(grad_logp, p.n, "grad_logp");
   const at::Tensor lse_c = lse.contiguous();
@@ -631,8 +697,9 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_bwd(
           const int64_t* rows = p.rows.data() + start;
           gather_hidden_fp32(p.hidden, rows, tile_rows, s.hidden_tile.data_ptr<float>());
           const at::Tensor h_tile = s.hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
-          at::Tensor gh_tile = s.grad_hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
-          gh_tile.zero_();
+          at::Tensor prod_tile = s.grad_hidden_tile.narrow(0, 0, tile_rows * H).view({tile_rows, H});
+          double* gh = s.acc_tile.data();
+          std::fill(gh, gh + tile_rows * H, 0.0);
 
           for (int64_t b = blk_lo; b < blk_hi; ++b) {
             const int64_t v0 = b * kVocabBlock;
@@ -641,27 +708,34 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_bwd(
             at::Tensor dlogits = s.logit_tile.narrow(0, 0, tile_rows * len).view({tile_rows, len});
             at::mm_out(dlogits, h_tile, w_block.t());
             float* z = dlogits.data_ptr<float>();
-            // in place: logits → g_t (onehot − softmax)
+            if (p.softcap > 0.0f) softcap_inplace(z, tile_rows * len, p.softcap);
+            // in place: logits → g_t (onehot − softmax) · dz'/dz
             for (int64_t r = 0; r < tile_rows; ++r) {
               const int64_t t = rows[r];
               float* row = z + r * len;
               const float gt = g[t];
               const float shift = row_lse[t];
-              neg_scaled_softmax(row, len, shift, gt, row);
               const int64_t hit = y[t] - v0;
-              if (hit >= 0 && hit < len) row[hit] += gt;
+              const bool has_hit = hit >= 0 && hit < len;
+              const float hit_slope = has_hit ? softcap_slope(row[hit], p.softcap) : 0.0f;
+              if (p.softcap > 0.0f) {
+                neg_scaled_capped_softmax(row, len, shift, gt, 1.0f / p.softcap, row);
+              } else {
+                neg_scaled_softmax(row, len, shift, gt, row);
+              }
+              if (has_hit) row[hit] += gt * hit_slope;
             }
-            gh_tile.addmm_(dlogits, w_block);
+            at::mm_out(prod_tile, dlogits, w_block);
+            accumulate_double(gh, prod_tile.data_ptr<float>(), tile_rows * H);
             if (need_weight_grad) {
               grad_weight32.narrow(0, v0, len).addmm_(dlogits.t(), h_tile);
             }
           }
-          const float* gh = gh_tile.data_ptr<float>();
           for (int64_t r = 0; r < tile_rows; ++r) {
             float* dst = gh_out + rows[r] * H;
-            const float* src = gh + r * H;
+            const double* src = gh + r * H;
 #pragma omp simd
-            for (int64_t k = 0; k < H; ++k) dst[k] += src[k];
+            for (int64_t k = 0; k < H; ++k) dst[k] = static_cast<float>(dst[k] + src[k]);
           }
         }
         if (rounds > 1) {
@@ -678,14 +752,12 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 }
 
 // =============================================================================================
-// Per-completion statistics (layout: pvfast/stats.py STAT_FIELDS)
+// Per-completion statistics: columns, values and gradient come from pvfast_stats.h, generated from
+// pvfast/objectives/stats.py (the one definition of the contract).
 
 namespace {
 
-constexpr int64_t kNumStats = 7;
-enum StatColumn : int64_t {
-  kLogpSum = 0, kWlogpSum, kWeightSum, kCount, kGatedWnllSum, kGatedWeightSum, kGatedCount
-};
+using stats::kNumStats;
 
 struct SegmentInputs {
   at::Tensor logp, weights, segment_ids;  // contiguous; logp and weights fp32
@@ -735,26 +807,19 @@ at::Tensor segment_stats_fwd(
     for (int64_t t = 0; t < in.n; ++t) {
       const int64_t m = seg[t];
       if (m < 0) continue;
-      const double l = lp[t], wt = w[t];
-      const double gate = lp[t] < threshold ? 1.0 : 0.0;
-      double* out = acc + m * kNumStats;
-      out[kLogpSum] += l;
-      out[kWlogpSum] += wt * l;
-      out[kWeightSum] += wt;
-      out[kCount] += 1.0;
-      out[kGatedWnllSum] += wt * gate * (-l);
-      out[kGatedWeightSum] += wt * gate;
-      out[kGatedCount] += gate;
+      // the gate compares in fp32 (as every backend does); the sums run in double
+      const double gate = stats::gate<float>(lp[t], threshold);
+      stats::accumulate<double>(acc + m * kNumStats, lp[t], w[t], gate);
     }
   }
-  at::Tensor stats = at::empty({num_segments, kNumStats}, f32_cpu());
-  float* out = stats.data_ptr<float>();
+  at::Tensor result = at::empty({num_segments, kNumStats}, f32_cpu());
+  float* out = result.data_ptr<float>();
   for (int64_t i = 0; i < row; ++i) {
     double total = 0.0;
     for (int th = 0; th < threads; ++th) total += partial[static_cast<size_t>(th * row + i)];
     out[i] = static_cast<float>(total);
   }
-  return stats;
+  return result;
 }
 
 at::Tensor segment_stats_bwd(
@@ -784,10 +849,8 @@ at::Tensor segment_stats_bwd(
       out[t] = 0.0f;
       continue;
     }
-    const float* Gm = gs + m * kNumStats;
-    const float gate = lp[t] < threshold ? 1.0f : 0.0f;
-    // only columns 0 (Σℓ), 1 (Σwℓ) and 4 (Σ w g (−ℓ)) depend on ℓ_t
-    out[t] = Gm[kLogpSum] + w[t] * Gm[kWlogpSum] - w[t] * gate * Gm[kGatedWnllSum];
+    const float gate = stats::gate<float>(lp[t], threshold);
+    out[t] = stats::logp_grad<float>(gs + m * kNumStats, w[t], gate);
   }
   return grad_logp;
 }
@@ -806,17 +869,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("grad_logp"),
         py::arg("ignore_index"));
   m.def("linear_token_logprobs_fwd", &pvfast::linear_token_logprobs_fwd, no_gil,
-        "(hidden[N,H], weight[V,H], targets int64[N], ignore_index) -> (logp f32[N], lse f32[N])",
-        py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"));
+        "(hidden[N,H], weight[V,H], targets int64[N], ignore_index, softcap) -> "
+        "(logp f32[N], lse f32[N]); softcap c > 0 caps the logits to c·tanh(z/c), 0 = off",
+        py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"),
+        py::arg("softcap"));
   m.def("linear_token_logprobs_fwd_with_grad", &pvfast::linear_token_logprobs_fwd_with_grad, no_gil,
-        "(hidden[N,H], weight[V,H], targets int64[N], ignore_index) -> "
+        "(hidden[N,H], weight[V,H], targets int64[N], ignore_index, softcap) -> "
         "(logp f32[N], lse f32[N], grad_direction f32[N,H] = dlogp/dhidden)",
-        py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"));
+        py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("ignore_index"),
+        py::arg("softcap"));
   m.def("linear_token_logprobs_bwd", &pvfast::linear_token_logprobs_bwd, no_gil,
-        "(hidden, weight, targets, lse, grad_logp, ignore_index, need_weight_grad) -> "
+        "(hidden, weight, targets, lse, grad_logp, ignore_index, softcap, need_weight_grad) -> "
         "(grad_hidden[N,H], grad_weight[V,H] or empty)",
         py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("lse"),
-        py::arg("grad_logp"), py::arg("ignore_index"), py::arg("need_weight_grad"));
+        py::arg("grad_logp"), py::arg("ignore_index"), py::arg("softcap"),
+        py::arg("need_weight_grad"));
   m.def("segment_stats_fwd", &pvfast::segment_stats_fwd, no_gil,
         "(logp[N], weights[N], segment_ids int64[N], num_segments, log_tau) -> stats f32[M,7]",
         py::arg("logp"), py::arg("weights"), py::arg("segment_ids"), py::arg("num_segments"),

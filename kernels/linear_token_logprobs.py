@@ -1,57 +1,135 @@
-"""Fused linear + per-token log-prob: ℓ_t = (h_t·W^T)[y_t] − logsumexp(h_t·W^T), never storing N×V logits.
+"""Fused lm-head log-probs: ℓ_t = z'_t[y_t] − logsumexp(z'_t), z = h_t·Wᵀ (z' = c·tanh(z/c) when soft-capped),
+never storing the N×V logits; optionally the per-completion statistics and dℓ/dh in the same forward.
 
-Forward: one program per tile of BLOCK_N tokens sweeps the vocabulary in BLOCK_V tiles; each logits tile
-is BLOCK_N×BLOCK_V = Σ over BLOCK_H slices of tl.dot(h, Wᵀ) in fp32 and folds into an online log-sum-exp.
-With ``HAS_SEGMENTS`` the per-completion sums of ``segment_stats.py`` are added right after the sweep
-(the fused epilogue), so ℓ never makes a round trip through memory before being reduced.
+Design (GPU-first; ``python -m bench.cost_model`` prints its FLOPs and bytes at real shapes)
+--------------------------------------------------------------------------------------------
+The vocabulary is swept in chunks of C columns (C from a memory budget, ``LinearConfig.chunk_bytes``). Per
+chunk, three kinds of kernel run, each a plain tiled GEMM or less, so each keeps its accumulator tile on
+chip for its whole K loop and reads its operands with grouped (L2-friendly) program order:
 
-Backward (recomputes the logits tiles from the saved lse; nothing N×V is saved):
-  * grad_hidden: one program per token tile sweeps the vocabulary, dlogits = g·(onehot − softmax),
-    grad_h[tile] += dlogits · W[vtile]; the program owns its rows, so no atomics (deterministic).
-  * grad_weight (only if the weight requires grad; a frozen lm_head under LoRA is the common case and
-    skips this kernel): one program per vocabulary tile sweeps the tokens, grad_W[vtile] += dlogitsᵀ · h.
-    This recomputes the logits a second time instead of using atomics on an N×H and V×H pair.
-  Cost to know: each vocabulary tile read-modify-writes the program's fp32 BLOCK_N×H slice of grad_h
-  (as a cut-cross-entropy-style atomic backward would); a larger BLOCK_V amortises that traffic.
+  A  ``_linear_logits_kernel``: grid (token tiles × vocabulary splits); each program computes logits tiles
+     BLOCK_N × BLOCK_V = Σ_k h[:, k] W[v, k] (fp32 accumulator on chip over H), soft-caps them and, by MODE:
+       0  keeps an online (max, Σexp) over its split and writes one partial per row (log-probs only);
+       1  writes each tile's probabilities exp(z' − m_tile)·dz'/dz to a chunk buffer P (N × C, input dtype)
+          with the tile's (m_tile, s_tile) (gradient in the forward, frozen weight);
+       2  writes the logits gradient g·(1[v = y] − exp(z' − lse))·dz'/dz to P, g = dL/dℓ (backward with
+          recomputation).
+     The target logit is picked by the one program whose columns hold it.
+  combine ``_linear_combine_kernel``: per token tile, merges the partials into the running (M, S) of the
+     online log-sum-exp; in MODE 1 it turns them into the scales β_tile = exp(m_tile − M) of P's tiles and
+     α = exp(M_old − M) of the accumulator. After the last chunk: lse, ℓ and the statistics epilogue
+     (fused: ℓ never makes a round trip through memory before it is reduced).
+  B  ``_linear_prob_matmul_kernel``: acc (N × H, fp32) = α·acc + (β ⊙ P) · W[chunk] — a GEMM with K = C:
+     the BLOCK_N × BLOCK_OUT accumulator stays on chip across the chunk; acc is read and written once per
+     chunk (MODE 1: the softmax-weighted Σ_v p_v s_v W_v; MODE 2: grad_hidden, unscaled).
+  C  ``_linear_weight_grad_kernel`` (MODE 2, trainable weight only): grad_W[chunk] = Pᵀ · h, a GEMM
+     with K = N, written once in the weight's dtype (no fp32 V×H buffer, no atomics).
+  ``_linear_direction_kernel`` (MODE 1): dℓ/dh = s_y W[y] − acc / S, in place over acc.
 
-Tile order and L2: the grid has one axis and every program sweeps the other operand in the same order,
-so the programs resident at one time (one "group", the whole wave) stream the same W tile (forward,
-grad_hidden) or h tile (grad_weight) at about the same moment: it comes from HBM once and from L2 for
-the rest of the wave. This is the grouped ordering of Triton's matmul tutorial with the swept axis inside
-the program; a 2-D grid would need a cross-program lse combine (or atomics) for no better reuse.
+Why not one kernel with the whole accumulator on chip: the gradient-in-forward needs Σ_v p_v W_v, a
+BLOCK_N × H fp32 tile per token tile — 1 MiB at BLOCK_N = 64, H = 4096, four times an H100 SM's shared
+memory plus registers. Splitting H across programs would recompute the logits H/BLOCK_OUT times. So the
+probabilities are materialised, one bounded chunk at a time, in the input dtype (what torch's own bf16
+backward does with its logits gradient), and consumed by an on-chip-accumulating GEMM. Cost of that
+choice at N=8192, H=4096, V=128,256 with C = 16,384 (bf16): P written and read once (4·N·V bytes ≈ 4.2 GB)
+plus acc read+written once per chunk (8·N·H·V/C ≈ 2.1 GB), about 1.9 ms at 3.35 TB/s against 17.4 ms of
+tensor-core work; memory: acc = direction (N·H·4 = 128 MiB), P ≤ chunk_bytes (256 MiB default), partials
+N·C/BLOCK_V·8 bytes (8 MiB).
 
-Block sizes: BLOCK_N=64 × BLOCK_V=128 fp32 logits tile = 32 registers/thread at 8 warps, leaving room
-for the h (64×64) and W (128×64) operand tiles; BLOCK_H=64 is the K step of tl.dot (≥ 16, a multiple of
-the MMA K). ``PVFAST_AUTOTUNE=1`` replaces them with an autotuned choice over a few configurations.
-Under the interpreter, bf16/fp16 tiles are upcast to fp32 before tl.dot (``UPCAST``), which gives wrong
-results in low precision there.
+FLOPs per policy step, frozen lm_head: forward 2·N·H·V (A) + 2·N·H·V (B) = 4·N·H·V, backward a scaling.
+Trainable lm_head: forward 2·N·H·V (MODE 0), backward 2·N·H·V (A, MODE 2) + 2·N·H·V (B) + 2·N·H·V (C).
+
+Precision: fp32 accumulation everywhere; bf16/fp16 inputs use tensor cores (wgmma on sm_90); fp32
+inputs follow torch: TF32 when ``torch.get_float32_matmul_precision()`` is "high"/"medium", else exact
+fp32 FMA (the slow path: no tensor cores; the trainer feeds bf16 under autocast). Under the interpreter
+(TRITON_INTERPRET=1) bf16/fp16 tiles are upcast to fp32 before tl.dot (``UPCAST``): the interpreter
+computes low-precision dots wrongly.
+
+Out-of-range targets give ℓ = lse = NaN and a NaN dℓ/dh row, never an out-of-bounds access (see
+``pvfast.kernels``). The autograd Functions are ``pvfast.ops.functions`` (via ``pvfast.ops.triton_backend``).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from pvfast.kernels import interpreting
-from pvfast.kernels.segment_stats import _accumulate_segment_stats, check_segment_vectors, segment_stats_backward
-from pvfast.objectives.stats import NUM_STATS
-from pvfast.objectives.config import log_tau as _log_tau
+from pvfast.kernels import check_segment_values, check_target_values, interpreting
+from pvfast.kernels.segment_stats import segment_stats_epilogue
+from pvfast.objectives.stats import IGNORE_INDEX, NUM_STATS
 
-IGNORE_INDEX = -100
-AUTOTUNE = os.environ.get("PVFAST_AUTOTUNE", "0") == "1"
-DEFAULT_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}
-NUM_WARPS = 8
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Programs in flight when the GPU is unknown (meta tensors in the compile check): an H100/H200's SM count.
+DEFAULT_SMS = 132
+MODE_LSE, MODE_PROBS, MODE_DLOGITS = 0, 1, 2
+# The combine and direction kernels are elementwise over (rows × partials) and (rows × H) tiles: small tiles
+# keep their int64 pointer arithmetic and fp32 temporaries in registers (no spills at 4 warps on sm_90).
+COMBINE_BLOCK_N = 32
+COMBINE_BLOCK_P = 32
+DIRECTION_BLOCK_N = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """Tile sizes of the fused linear kernels (defaults: bf16/fp16 on sm_90/sm_80, checked by the compile test).
+
+    block_n × block_v: logits tile of kernel A (fp32, 64×128 = 32 registers/thread at 8 warps, leaving room
+    for its epilogue: 128×128 spills on sm_90); block_h: its K step over H (a multiple of the MMA K of 16).
+    block_m × block_out: the output tile of B (tokens × H) and C (vocabulary × H), a 128×128 fp32
+    accumulator; block_k: the K step of B (vocabulary, divides block_v) and C (tokens). group: row tiles per
+    group of the grouped program order (L2 reuse of the column operand). chunk_bytes bounds the P buffer
+    (N × C in the input dtype); chunk_v fixes C instead (tests).
+    """
+
+    block_n: int = 64
+    block_v: int = 128
+    block_h: int = 64
+    block_m: int = 128
+    block_k: int = 64
+    block_out: int = 128
+    group: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    chunk_bytes: int = 256 * 2**20
+    chunk_v: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_v % self.block_k:
+            raise ValueError(f"LinearConfig: block_k ({self.block_k}) must divide block_v ({self.block_v})")
+        if self.chunk_v is not None and (self.chunk_v <= 0 or self.chunk_v % self.block_v):
+            raise ValueError(f"LinearConfig: chunk_v ({self.chunk_v}) must be a positive multiple of "
+                             f"block_v ({self.block_v})")
+
+
+# fp32 inputs without tensor cores: smaller tiles keep the FMA loops within the register file.
+FP32_CONFIG = LinearConfig(block_n=64, block_v=64, block_h=32, block_m=64, block_k=32, block_out=64, num_warps=4,
+                           num_stages=2)
+DEFAULT_CONFIG = LinearConfig()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP: tl.constexpr):
+    # Triton's grouped ordering: consecutive programs walk GROUP row tiles down one column before moving
+    # right, so a wave of programs shares a few column operands (W tiles) and a few row operands via L2.
+    in_group = GROUP * num_col_tiles
+    first_row = (pid // in_group) * GROUP
+    size = tl.minimum(num_row_tiles - first_row, GROUP)
+    row = first_row + (pid % in_group) % size
+    col = (pid % in_group) // size
+    return row, col
 
 
 @triton.jit
-def _logits_tile(H_ptr, W_ptr, offs_n, rows_live, offs_v, mask_v, HID, stride_hn, stride_wv,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _logits_tile(H_ptr, W_ptr, offs_n, rows_live, offs_v, mask_v, HID, stride_hn, stride_wv, softcap,
+                 SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    # logits[n, v] = Σ_k h[n, k] · W[v, k], accumulated in fp32 over BLOCK_H slices.
+    # z[n, v] = Σ_k h[n, k] · W[v, k] in fp32 over BLOCK_H slices; soft-capped: z' = c − 2c / (exp(2z/c) + 1)
+    # (= c·tanh(z/c); saturates to ±c without NaN).
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -65,287 +143,415 @@ def _logits_tile(H_ptr, W_ptr, offs_n, rows_live, offs_v, mask_v, HID, stride_hn
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        acc = softcap - 2.0 * softcap / (tl.exp(acc * (2.0 / softcap)) + 1.0)
     return acc
 
 
 @triton.jit
-def _linear_token_logprobs_fwd_kernel(
-        H_ptr, W_ptr, Targets_ptr, Logp_ptr, Lse_ptr, Weights_ptr, Seg_ptr, Stats_ptr,
-        N, V, HID, stride_hn, stride_wv, log_tau,
-        IGNORE_INDEX: tl.constexpr, HAS_SEGMENTS: tl.constexpr, NUM_COLS: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    # For the token tile, over vocabulary tiles z = h·Wᵀ:
-    #   m ← max(m, rowmax z);  s ← s·exp(m_old − m) + Σ_v exp(z_v − m);  z_y picked where v = y
-    #   lse = m + log s,  ℓ = z_y − lse   (ℓ = lse = 0 for ignored targets)
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _softcap_slope(z, softcap, SOFTCAP: tl.constexpr):
+    # dz'/dz = 1 − (z'/c)² at capped logits z'; 1 without capping
+    if SOFTCAP:
+        r = z / softcap
+        return 1.0 - r * r
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX: tl.constexpr):
+    # (live, bad): live rows have a target in [0, V); bad rows an out-of-range one (never computed)
     in_range = offs_n < N
     targets = tl.load(Targets_ptr + offs_n, mask=in_range, other=IGNORE_INDEX)
-    active = in_range & (targets != IGNORE_INDEX)
-    # A tile with no live target (prompt, padding) skips the sweep.
-    v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
+    scored = in_range & (targets != IGNORE_INDEX)
+    valid = (targets >= 0) & (targets < V)
+    return targets, scored & valid, scored & ~valid
+
+
+@triton.jit
+def _linear_logits_kernel(
+        H_ptr, W_ptr, Targets_ptr, Lse_ptr, GradLogp_ptr, TargetLogit_ptr, PartM_ptr, PartS_ptr, P_ptr,
+        N, V, HID, v_begin, chunk_cols, num_splits, tiles_per_split, stride_hn, stride_wv, stride_pn, stride_part,
+        softcap, MODE: tl.constexpr, SOFTCAP: tl.constexpr, IGNORE_INDEX: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        GROUP: tl.constexpr):
+    # Program (token tile, split) covers chunk columns [split·T·BLOCK_V, (split+1)·T·BLOCK_V), T tiles:
+    #   z' = cap(h·Wᵀ);  target logit z'[y] picked where v = y;  then by MODE
+    #   0: m ← max(m, rowmax z'); s ← s·e^(m_old − m) + Σ e^(z' − m); one (m, s) per row and split
+    #   1: P[:, tile] = e^(z' − m_tile)·dz'/dz; (m_tile, s_tile = Σ e^(z' − m_tile)) per row and tile
+    #   2: P[:, tile] = g·(1[v = y] − e^(z' − lse))·dz'/dz with g = dL/dℓ (0 on dead rows)
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = offs_n < N
+    targets, live, bad = _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX)
+    tile_live = tl.max(live.to(tl.int32), axis=0) > 0
+    # the target's column within the chunk, int32: the per-tile compare is then 32-bit (registers)
+    target_col = tl.where(live, targets - v_begin, -1).to(tl.int32)
+    if MODE == 2:
+        lse = tl.load(Lse_ptr + offs_n, mask=live, other=0.0)
+        grad = tl.load(GradLogp_ptr + offs_n, mask=live, other=0.0)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        z = _logits_tile(H_ptr, W_ptr, offs_n, active, offs_v, mask_v, HID, stride_hn, stride_wv,
-                         UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-    lse = tl.where(active, m + tl.log(tl.where(active, s, 1.0)), 0.0)
-    logp = tl.where(active, target_logit - lse, 0.0)
-    tl.store(Lse_ptr + offs_n, lse, mask=in_range)
-    tl.store(Logp_ptr + offs_n, logp, mask=in_range)
-    if HAS_SEGMENTS:
-        seg = tl.load(Seg_ptr + offs_n, mask=in_range, other=-1)
-        weight = tl.load(Weights_ptr + offs_n, mask=in_range, other=0.0)
-        _accumulate_segment_stats(Stats_ptr, logp, weight, seg, seg >= 0, log_tau, NUM_COLS)
+    for t in range(0, tiles_per_split):
+        tile = pid_s * tiles_per_split + t
+        offs_c = tile * BLOCK_V + tl.arange(0, BLOCK_V)  # columns within the chunk
+        mask_c = offs_c < chunk_cols
+        offs_v = v_begin + offs_c
+        p_ptrs = P_ptr + offs_n[:, None] * stride_pn + offs_c[None, :]
+        p_mask = in_range[:, None] & mask_c[None, :]
+        if tile * BLOCK_V < chunk_cols:
+            if tile_live:
+                z = _logits_tile(H_ptr, W_ptr, offs_n, live, offs_v, mask_c, HID, stride_hn, stride_wv, softcap,
+                                 SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                hit = offs_c[None, :] == target_col[:, None]
+                has_target = tl.max(hit.to(tl.int32), axis=1) > 0
+                tl.store(TargetLogit_ptr + offs_n, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=live & has_target)
+                zm = tl.where(mask_c[None, :], z, float("-inf"))
+                if MODE == 0:
+                    m_new = tl.maximum(m, tl.max(zm, axis=1))
+                    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
+                    m = m_new
+                elif MODE == 1:
+                    m_tile = tl.max(zm, axis=1)
+                    e = tl.exp(zm - m_tile[:, None])
+                    part = offs_n * stride_part + tile
+                    tl.store(PartM_ptr + part, m_tile, mask=live)
+                    tl.store(PartS_ptr + part, tl.sum(e, axis=1), mask=live)
+                    p = e * _softcap_slope(z, softcap, SOFTCAP)
+                    tl.store(p_ptrs, p.to(P_ptr.dtype.element_ty), mask=p_mask)
+                else:
+                    onehot = tl.where(hit, 1.0, 0.0)
+                    dz = (onehot - tl.exp(zm - lse[:, None])) * _softcap_slope(z, softcap, SOFTCAP)
+                    dz = tl.where(live[:, None], grad[:, None] * dz, 0.0)
+                    tl.store(p_ptrs, dz.to(P_ptr.dtype.element_ty), mask=p_mask)
+            elif MODE == 2:  # the weight-gradient GEMM reads every row of P: dead rows must be zero
+                tl.store(p_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=P_ptr.dtype.element_ty), mask=p_mask)
+    if MODE == 0:
+        part = offs_n * stride_part + pid_s
+        tl.store(PartM_ptr + part, m, mask=live)
+        tl.store(PartS_ptr + part, s, mask=live)
 
 
 @triton.jit
-def _dlogits_tile(z, offs_v, mask_v, targets, lse, grad):
-    # dL/dz = g · (1[v = y] − exp(z − lse)), 0 outside the vocabulary and for rows with g = 0.
-    p = tl.where(mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)
-    onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
-    return grad[:, None] * (onehot - p)
-
-
-@triton.jit
-def _linear_token_logprobs_bwd_hidden_kernel(
-        H_ptr, W_ptr, Targets_ptr, Lse_ptr, GradLogp_ptr, GradH_ptr,
-        N, V, HID, stride_hn, stride_wv, stride_ghn,
-        IGNORE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grad_h[n, :] = Σ_v dz[n, v] · W[v, :]   with dz from _dlogits_tile; GradH is fp32 and zeroed.
+def _linear_combine_kernel(
+        Targets_ptr, PartM_ptr, PartS_ptr, StateM_ptr, StateS_ptr, Alpha_ptr, TargetLogit_ptr, Logp_ptr, Lse_ptr,
+        Weights_ptr, Seg_ptr, Stats_ptr, N, V, num_parts, stride_part, num_segments, log_tau,
+        FIRST: tl.constexpr, STORE_SCALES: tl.constexpr, FINAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+        IGNORE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Running online log-sum-exp per row, merged with this chunk's partials (m_p, s_p):
+    #   M = max(M_old, max_p m_p);  S = S_old·e^(M_old − M) + Σ_p s_p e^(m_p − M)
+    # STORE_SCALES: α = e^(M_old − M) and β_p = e^(m_p − M) (in place of m_p) for the B kernel.
+    # FINAL: lse = M + log S, ℓ = z'[y] − lse (0 ignored, NaN out-of-range), statistics epilogue.
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = offs_n < N
-    targets = tl.load(Targets_ptr + offs_n, mask=in_range, other=IGNORE_INDEX)
-    active = in_range & (targets != IGNORE_INDEX)
-    grad = tl.load(GradLogp_ptr + offs_n, mask=active, other=0.0)
-    lse = tl.load(Lse_ptr + offs_n, mask=active, other=0.0)
-    v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
-    for v0 in range(0, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        z = _logits_tile(H_ptr, W_ptr, offs_n, active, offs_v, mask_v, HID, stride_hn, stride_wv,
-                         UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        dz = _dlogits_tile(z, offs_v, mask_v, targets, lse, grad)
-        for h0 in range(0, HID, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < HID
-            w = tl.load(W_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
-                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            gh_ptrs = GradH_ptr + offs_n[:, None] * stride_ghn + offs_h[None, :]
-            gh_mask = in_range[:, None] & mask_h[None, :]
-            gh = tl.load(gh_ptrs, mask=gh_mask, other=0.0)
-            gh = tl.dot(dz.to(w.dtype), w, gh, input_precision=DOT_PRECISION)
-            tl.store(gh_ptrs, gh, mask=gh_mask)
+    targets, live, bad = _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX)
+    if FIRST:
+        m_old = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s_old = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        m_old = tl.load(StateM_ptr + offs_n, mask=live, other=float("-inf"))
+        s_old = tl.load(StateS_ptr + offs_n, mask=live, other=0.0)
+    m_new = m_old
+    for p0 in range(0, num_parts, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = live[:, None] & (offs_p < num_parts)[None, :]
+        part_m = tl.load(PartM_ptr + offs_n[:, None] * stride_part + offs_p[None, :], mask=mask,
+                         other=float("-inf"))
+        m_new = tl.maximum(m_new, tl.max(part_m, axis=1))
+    m_safe = tl.where(live, m_new, 0.0)  # dead rows: keep every exponent finite
+    s_new = tl.where(live, s_old * tl.exp(m_old - m_safe), 0.0)
+    for p0 in range(0, num_parts, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = live[:, None] & (offs_p < num_parts)[None, :]
+        ptrs = offs_n[:, None] * stride_part + offs_p[None, :]
+        part_m = tl.load(PartM_ptr + ptrs, mask=mask, other=float("-inf"))
+        part_s = tl.load(PartS_ptr + ptrs, mask=mask, other=0.0)
+        scale = tl.exp(part_m - m_safe[:, None])
+        s_new += tl.sum(part_s * scale, axis=1)
+        if STORE_SCALES:
+            tl.store(PartM_ptr + ptrs, scale, mask=mask)
+    if STORE_SCALES:
+        tl.store(Alpha_ptr + offs_n, tl.where(live, tl.exp(m_old - m_safe), 0.0), mask=in_range)
+    tl.store(StateM_ptr + offs_n, m_new, mask=in_range)
+    tl.store(StateS_ptr + offs_n, s_new, mask=in_range)
+    if FINAL:
+        lse = tl.where(live, m_safe + tl.log(tl.where(live, s_new, 1.0)), 0.0)
+        target_logit = tl.load(TargetLogit_ptr + offs_n, mask=live, other=0.0)
+        logp = tl.where(live, target_logit - lse, 0.0)
+        tl.store(Lse_ptr + offs_n, tl.where(bad, float("nan"), lse), mask=in_range)
+        tl.store(Logp_ptr + offs_n, tl.where(bad, float("nan"), logp), mask=in_range)
+        if HAS_SEGMENTS:
+            seg = tl.load(Seg_ptr + offs_n, mask=in_range, other=-1)
+            weight = tl.load(Weights_ptr + offs_n, mask=in_range, other=0.0)
+            segment_stats_epilogue(Stats_ptr, tl.where(bad, float("nan"), logp), weight, seg, in_range,
+                                   num_segments, log_tau)
 
 
 @triton.jit
-def _linear_token_logprobs_bwd_weight_kernel(
-        H_ptr, W_ptr, Targets_ptr, Lse_ptr, GradLogp_ptr, GradW_ptr,
-        N, V, HID, stride_hn, stride_wv, stride_gwv,
-        IGNORE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grad_W[v, :] = Σ_n dz[n, v] · h[n, :]   with dz from _dlogits_tile; GradW is fp32 and zeroed.
-    offs_v = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < V
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        in_range = offs_n < N
-        targets = tl.load(Targets_ptr + offs_n, mask=in_range, other=IGNORE_INDEX)
-        active = in_range & (targets != IGNORE_INDEX)
-        if tl.max(active.to(tl.int32), axis=0) > 0:  # token tiles with no live target add nothing
-            grad = tl.load(GradLogp_ptr + offs_n, mask=active, other=0.0)
-            lse = tl.load(Lse_ptr + offs_n, mask=active, other=0.0)
-            z = _logits_tile(H_ptr, W_ptr, offs_n, active, offs_v, mask_v, HID, stride_hn, stride_wv,
-                             UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-            dz_t = tl.trans(_dlogits_tile(z, offs_v, mask_v, targets, lse, grad))
-            for h0 in range(0, HID, BLOCK_H):
-                offs_h = h0 + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < HID
-                h = tl.load(H_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
-                            mask=active[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                gw_ptrs = GradW_ptr + offs_v[:, None] * stride_gwv + offs_h[None, :]
-                gw_mask = mask_v[:, None] & mask_h[None, :]
-                gw = tl.load(gw_ptrs, mask=gw_mask, other=0.0)
-                gw = tl.dot(dz_t.to(h.dtype), h, gw, input_precision=DOT_PRECISION)
-                tl.store(gw_ptrs, gw, mask=gw_mask)
+def _linear_prob_matmul_kernel(
+        P_ptr, W_ptr, Targets_ptr, Alpha_ptr, Scale_ptr, Acc_ptr, N, V, HID, v_begin, chunk_cols,
+        stride_pn, stride_wv, stride_sn, stride_sp, stride_an,
+        SCALED: tl.constexpr, IGNORE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, PART_COLS: tl.constexpr,
+        GROUP: tl.constexpr):
+    # SCALED: acc[n, h] = α_n · acc[n, h] + Σ_k β[n, k // PART_COLS] · P[n, k] · W[v_begin + k, h]
+    # else:   acc[n, h] += Σ_k P[n, k] · W[v_begin + k, h]
+    # The BLOCK_N × BLOCK_OUT fp32 tile accumulates on chip over the whole chunk (K = chunk columns);
+    # acc in global memory is read and written once per chunk. Dead rows (no live target) add nothing.
+    pid_n, pid_h = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(HID, BLOCK_OUT), GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    in_range = offs_n < N
+    mask_h = offs_h < HID
+    targets, live, bad = _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX)
+    acc = tl.zeros((BLOCK_N, BLOCK_OUT), dtype=tl.float32)
+    if tl.max(live.to(tl.int32), axis=0) > 0:
+        for k0 in range(0, chunk_cols, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < chunk_cols
+            p = tl.load(P_ptr + offs_n[:, None] * stride_pn + offs_k[None, :],
+                        mask=live[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W_ptr + (v_begin + offs_k).to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            if SCALED:
+                beta = tl.load(Scale_ptr + offs_n * stride_sn + (k0 // PART_COLS) * stride_sp, mask=live,
+                               other=0.0)
+                p = (p.to(tl.float32) * beta[:, None]).to(w.dtype)
+            if UPCAST:
+                p = p.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(p, w, acc, input_precision=DOT_PRECISION)
+    acc_ptrs = Acc_ptr + offs_n[:, None] * stride_an + offs_h[None, :]
+    acc_mask = in_range[:, None] & mask_h[None, :]
+    old = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
+    if SCALED:
+        alpha = tl.load(Alpha_ptr + offs_n, mask=in_range, other=0.0)
+        old = old * alpha[:, None]
+    tl.store(acc_ptrs, old + acc, mask=acc_mask)
 
 
-def _autotuned(kernel, reset: list[str]):
-    """Wrap a kernel in triton.autotune when PVFAST_AUTOTUNE=1 (otherwise DEFAULT_BLOCKS are used).
+@triton.jit
+def _linear_weight_grad_kernel(
+        P_ptr, H_ptr, GradW_ptr, N, HID, v_begin, chunk_cols, stride_pn, stride_hn, stride_gwv,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_OUT: tl.constexpr, GROUP: tl.constexpr):
+    # grad_W[v_begin + v, h] = Σ_n P[n, v] · h[n, h]   (P = dL/dz of the chunk)
+    # K = N tokens: the BLOCK_V × BLOCK_OUT tile accumulates on chip and is written once, in W's dtype.
+    pid_v, pid_h = _grouped_tile(tl.program_id(0), tl.cdiv(chunk_cols, BLOCK_V), tl.cdiv(HID, BLOCK_OUT), GROUP)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    mask_c = offs_c < chunk_cols
+    mask_h = offs_h < HID
+    acc = tl.zeros((BLOCK_V, BLOCK_OUT), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_n = offs_n < N
+        p = tl.load(P_ptr + offs_n[:, None] * stride_pn + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0)
+        h = tl.load(H_ptr + offs_n[:, None] * stride_hn + offs_h[None, :], mask=mask_n[:, None] & mask_h[None, :],
+                    other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            h = h.to(tl.float32)
+        acc = tl.dot(tl.trans(p), h, acc, input_precision=DOT_PRECISION)
+    out = GradW_ptr + (v_begin + offs_c).to(tl.int64)[:, None] * stride_gwv + offs_h[None, :]
+    tl.store(out, acc.to(GradW_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_h[None, :])
 
-    ``reset`` names the accumulating outputs, zeroed before each trial so the timing runs do not add up.
+
+@triton.jit
+def _linear_direction_kernel(
+        Acc_ptr, W_ptr, Targets_ptr, TargetLogit_ptr, StateS_ptr, N, V, HID, stride_an, stride_wv, softcap,
+        SOFTCAP: tl.constexpr, IGNORE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    # dℓ_t/dh_t = s_y · W[y_t] − acc_t / S_t   (acc_t = Σ_v e^(z'_v − M_t) s_v W_v, s = dz'/dz), in place;
+    # 0 for ignored rows, NaN for out-of-range targets.
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    in_range = offs_n < N
+    mask_h = offs_h < HID
+    targets, live, bad = _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX)
+    ptrs = Acc_ptr + offs_n[:, None] * stride_an + offs_h[None, :]
+    mask = in_range[:, None] & mask_h[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    s = tl.load(StateS_ptr + offs_n, mask=live, other=1.0)
+    target_logit = tl.load(TargetLogit_ptr + offs_n, mask=live, other=0.0)
+    slope = _softcap_slope(target_logit, softcap, SOFTCAP)
+    w_y = tl.load(W_ptr + tl.where(live, targets, 0).to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
+                  mask=live[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
+    direction = tl.where(live[:, None], slope[:, None] * w_y - acc / s[:, None], 0.0)
+    direction = tl.where(bad[:, None], float("nan"), direction)
+    tl.store(ptrs, direction, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers (inputs checked by pvfast.ops: contiguous, targets/segment ids int64, weights fp32)
+# ---------------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: TF32 only where torch's own fp32 matmuls would use it; 16-bit inputs: the dot's native path."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32" if torch.get_float32_matmul_precision() in ("high", "medium") else "ieee"
+
+
+def default_config(dtype: torch.dtype) -> LinearConfig:
+    return FP32_CONFIG if dtype == torch.float32 else DEFAULT_CONFIG
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 if interpreting() else DEFAULT_SMS  # the interpreter runs programs one at a time
+
+
+class _Plan:
+    """Sizes of one call: chunks of the vocabulary and the split of each chunk over programs."""
+
+    def __init__(self, n: int, v: int, hid: int, dtype: torch.dtype, device: torch.device, cfg: LinearConfig,
+                 store_chunk: bool):
+        self.n, self.v, self.hid, self.cfg = n, v, hid, cfg
+        self.token_tiles = triton.cdiv(n, cfg.block_n)
+        v_padded = triton.cdiv(v, cfg.block_v) * cfg.block_v
+        if not store_chunk:
+            chunk = v_padded  # MODE 0 keeps nothing per column: one chunk
+        elif cfg.chunk_v is not None:
+            chunk = cfg.chunk_v
+        else:
+            per_col = max(1, n) * torch.tensor([], dtype=dtype).element_size()
+            chunk = max(cfg.block_v, cfg.chunk_bytes // per_col // cfg.block_v * cfg.block_v)
+        self.chunk = min(chunk, v_padded)
+        self.chunk_tiles = triton.cdiv(self.chunk, cfg.block_v)
+        # enough programs to fill the GPU a few times over; each sweeps tiles_per_split vocabulary tiles
+        splits_wanted = max(1, triton.cdiv(4 * _sm_count(device), self.token_tiles))
+        self.tiles_per_split = triton.cdiv(self.chunk_tiles, min(splits_wanted, self.chunk_tiles))
+        self.splits = triton.cdiv(self.chunk_tiles, self.tiles_per_split)
+
+    def chunks(self):
+        for begin in range(0, self.v, self.chunk):
+            yield begin, min(self.chunk, self.v - begin)
+
+
+def _options(dtype: torch.dtype, cfg: LinearConfig) -> dict:
+    # The interpreter computes 16-bit dots wrongly: tiles are upcast there, and multiplied exactly.
+    return {"UPCAST": interpreting() and dtype != torch.float32,
+            "DOT_PRECISION": "ieee" if interpreting() else _dot_precision(dtype),
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   softcap: float = 0.0, *, with_grad: bool = False, weights: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None, num_segments: int = 0, log_tau: float = 0.0,
+                   config: LinearConfig | None = None):
+    """hidden (N, H), weight (V, H), targets (N,) → (logp (N,), lse (N,), stats (M, 7) or None, direction or None).
+
+    ``with_grad``: also dℓ/dhidden (N, H) fp32 (MODE 1 + B + direction kernels). With ``segment_ids`` and
+    ``weights`` the statistics are reduced in the final combine (the fused epilogue). All outputs fp32.
     """
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=nw, num_stages=ns)
-               for bn, bv, bh, nw, ns in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
-                                          (128, 64, 64, 4, 4), (32, 128, 128, 4, 3)]]
-    return triton.autotune(configs=configs, key=["V", "HID"], reset_to_zero=reset)(kernel)
-
-
-_fwd_kernel = _linear_token_logprobs_fwd_kernel
-_bwd_hidden_kernel = _linear_token_logprobs_bwd_hidden_kernel
-_bwd_weight_kernel = _linear_token_logprobs_bwd_weight_kernel
-if AUTOTUNE:
-    _fwd_kernel = _autotuned(_fwd_kernel, ["Stats_ptr"])
-    _bwd_hidden_kernel = _autotuned(_bwd_hidden_kernel, ["GradH_ptr"])
-    _bwd_weight_kernel = _autotuned(_bwd_weight_kernel, ["GradW_ptr"])
-
-
-def _launch_options(dtype: torch.dtype, blocks: dict | None) -> dict:
-    """Constexpr flags (and block sizes unless autotuning) shared by the three kernels."""
-    options = {
-        # The interpreter computes bf16/fp16 tl.dot wrongly: upcast tiles there.
-        "UPCAST": interpreting() and dtype != torch.float32,
-        # fp32 inputs get true fp32 products (torch's default matmul), not TF32.
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-    }
-    if not AUTOTUNE:
-        options.update(DEFAULT_BLOCKS if blocks is None else blocks)
-        options["num_warps"] = NUM_WARPS
-    return options
-
-
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    """Shape/dtype/device checks shared by every linear_token_logprobs implementation."""
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"linear_token_logprobs: hidden must be (N, H) and weight (V, H), got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_token_logprobs: hidden size mismatch: hidden (N, {hidden.shape[1]}) "
-                         f"vs weight (V, {weight.shape[1]})")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_token_logprobs: targets must be (N,) = ({hidden.shape[0]},), "
-                         f"got {tuple(targets.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise TypeError(f"linear_token_logprobs: hidden and weight must share a float32/float16/bfloat16 "
-                        f"dtype, got {hidden.dtype} and {weight.dtype}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"linear_token_logprobs: targets must be int32 or int64, got {targets.dtype}")
-    if not (hidden.device == weight.device == targets.device):
-        raise ValueError(f"linear_token_logprobs: tensors on different devices: hidden {hidden.device}, "
-                         f"weight {weight.device}, targets {targets.device}")
-
-
-def linear_token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                  ignore_index: int = IGNORE_INDEX, weights: torch.Tensor | None = None,
-                                  segment_ids: torch.Tensor | None = None, num_segments: int = 0,
-                                  log_tau: float = 0.0, blocks: dict | None = None):
-    """hidden (N, H), weight (V, H), targets (N,) → (logp (N,), lse (N,), stats (M, 7) or None), fp32.
-
-    With ``segment_ids`` (N,) and ``weights`` (N,) the fused epilogue also returns the per-completion
-    sums of :mod:`pvfast.objectives.stats`.
-    """
-    check_linear_inputs(hidden, weight, targets)
+    n, hid = hidden.shape
+    v = weight.shape[0]
+    check_target_values(targets, v, ignore_index, "linear_token_logprobs")
     has_segments = segment_ids is not None
     if has_segments:
-        if weights is None:
-            raise ValueError("linear_token_logprobs: segment_ids given without token weights")
-        check_segment_vectors(targets.shape[0], targets.device, weights, segment_ids, num_segments,
-                              "linear_segment_stats")
-        weights = weights.float().contiguous()
-        segment_ids = segment_ids.long().contiguous()
-    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    n, hid = hidden.shape
-    v = weight.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    stats = (torch.zeros(num_segments, NUM_STATS, dtype=torch.float32, device=hidden.device)
-             if has_segments else None)  # zeroed: the epilogue adds into it
-    if n:
-        options = _launch_options(hidden.dtype, blocks)
-        _fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            H_ptr=hidden, W_ptr=weight, Targets_ptr=targets, Logp_ptr=logp, Lse_ptr=lse,
+        check_segment_values(segment_ids, num_segments, "linear_segment_stats")
+    cfg = config or default_config(hidden.dtype)
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    logp, lse = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    stats = torch.zeros(num_segments, NUM_STATS, **f32) if has_segments else None  # the epilogue adds into it
+    direction = torch.zeros(n, hid, **f32) if with_grad else None  # acc, then dℓ/dh in place
+    if n == 0:
+        return logp, lse, stats, direction
+    plan = _Plan(n, v, hid, hidden.dtype, dev, cfg, store_chunk=with_grad)
+    opts = _options(hidden.dtype, cfg)
+    mode = MODE_PROBS if with_grad else MODE_LSE
+    parts = plan.chunk_tiles if with_grad else plan.splits
+    part_m, part_s = torch.empty(n, parts, **f32), torch.empty(n, parts, **f32)
+    state_m, state_s = torch.empty(n, **f32), torch.empty(n, **f32)
+    alpha = torch.empty(n, **f32) if with_grad else state_m
+    target_logit = torch.zeros(n, **f32)
+    probs = torch.empty(n, plan.chunk, dtype=hidden.dtype, device=dev) if with_grad else part_m
+    cap = float(softcap)
+    chunks = list(plan.chunks())
+    for index, (begin, cols) in enumerate(chunks):
+        _linear_logits_kernel[(plan.token_tiles * plan.splits,)](
+            H_ptr=hidden, W_ptr=weight, Targets_ptr=targets, Lse_ptr=lse, GradLogp_ptr=lse,
+            TargetLogit_ptr=target_logit,
+            PartM_ptr=part_m, PartS_ptr=part_s, P_ptr=probs, N=n, V=v, HID=hid, v_begin=begin, chunk_cols=cols,
+            num_splits=plan.splits, stride_hn=hidden.stride(0), stride_wv=weight.stride(0),
+            stride_pn=probs.stride(0), stride_part=part_m.stride(0), softcap=cap, MODE=mode, SOFTCAP=cap > 0,
+            IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            tiles_per_split=plan.tiles_per_split, GROUP=cfg.group, **opts)
+        final = index == len(chunks) - 1
+        _linear_combine_kernel[(triton.cdiv(n, COMBINE_BLOCK_N),)](
+            Targets_ptr=targets, PartM_ptr=part_m, PartS_ptr=part_s, StateM_ptr=state_m, StateS_ptr=state_s,
+            Alpha_ptr=alpha, TargetLogit_ptr=target_logit, Logp_ptr=logp, Lse_ptr=lse,
             Weights_ptr=weights if has_segments else logp, Seg_ptr=segment_ids if has_segments else targets,
-            Stats_ptr=stats if has_segments else logp, N=n, V=v, HID=hid,
-            stride_hn=hidden.stride(0), stride_wv=weight.stride(0), log_tau=float(log_tau),
-            IGNORE_INDEX=ignore_index, HAS_SEGMENTS=has_segments, NUM_COLS=NUM_STATS, **options)
-    return logp, lse, stats
+            Stats_ptr=stats if has_segments else logp, N=n, V=v,
+            num_parts=triton.cdiv(cols, cfg.block_v) if with_grad else plan.splits, stride_part=part_m.stride(0),
+            num_segments=num_segments, log_tau=float(log_tau), FIRST=index == 0, STORE_SCALES=with_grad,
+            FINAL=final, HAS_SEGMENTS=has_segments, IGNORE_INDEX=ignore_index, BLOCK_N=COMBINE_BLOCK_N,
+            BLOCK_P=COMBINE_BLOCK_P, num_warps=4)
+        if with_grad:
+            _prob_matmul(probs, weight, targets, alpha, part_m, direction, begin, cols, ignore_index, cfg, opts,
+                         scaled=True)
+    if with_grad:
+        _linear_direction_kernel[(triton.cdiv(n, DIRECTION_BLOCK_N), triton.cdiv(hid, cfg.block_out))](
+            Acc_ptr=direction, W_ptr=weight, Targets_ptr=targets, TargetLogit_ptr=target_logit, StateS_ptr=state_s,
+            N=n, V=v, HID=hid, stride_an=direction.stride(0), stride_wv=weight.stride(0), softcap=cap,
+            SOFTCAP=cap > 0, IGNORE_INDEX=ignore_index, BLOCK_N=DIRECTION_BLOCK_N, BLOCK_OUT=cfg.block_out,
+            num_warps=4)
+    return logp, lse, stats, direction
 
 
-def linear_token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   lse: torch.Tensor, grad_logp: torch.Tensor,
-                                   ignore_index: int = IGNORE_INDEX, need_weight_grad: bool = True,
-                                   blocks: dict | None = None):
-    """Upstream dL/dℓ (N,) → (grad_hidden (N, H) in hidden's dtype, grad_weight (V, H) or None)."""
-    check_linear_inputs(hidden, weight, targets)
-    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    grad_logp = grad_logp.float().contiguous()
+def _prob_matmul(probs, weight, targets, alpha, scale, acc, begin, cols, ignore_index, cfg, opts, scaled):
+    n, hid = acc.shape
+    _linear_prob_matmul_kernel[(triton.cdiv(n, cfg.block_m) * triton.cdiv(hid, cfg.block_out),)](
+        P_ptr=probs, W_ptr=weight, Targets_ptr=targets, Alpha_ptr=alpha, Scale_ptr=scale, Acc_ptr=acc, N=n,
+        V=weight.shape[0], HID=hid, v_begin=begin, chunk_cols=cols, stride_pn=probs.stride(0),
+        stride_wv=weight.stride(0), stride_sn=scale.stride(0), stride_sp=scale.stride(1),
+        stride_an=acc.stride(0), SCALED=scaled, IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_m,
+        BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out, PART_COLS=cfg.block_v, GROUP=cfg.group, **opts)
+
+
+def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                    grad_logp: torch.Tensor, ignore_index: int = IGNORE_INDEX, softcap: float = 0.0, *,
+                    need_hidden_grad: bool = True, need_weight_grad: bool = False,
+                    config: LinearConfig | None = None):
+    """dL/dℓ (N,) fp32 → (grad_hidden (N, H) in hidden's dtype or None, grad_weight (V, H) in W's dtype or None).
+
+    Recomputes the logits chunk by chunk and writes dL/dz = g ⊙ dℓ/dz (A in MODE 2, one rounding to the input
+    dtype), then grad_hidden += dL/dz·W[chunk] (B) and grad_W[chunk] = dL/dzᵀ·h (C).
+    """
     n, hid = hidden.shape
     v = weight.shape[0]
-    options = _launch_options(hidden.dtype, blocks)
-    common = dict(H_ptr=hidden, W_ptr=weight, Targets_ptr=targets, Lse_ptr=lse, GradLogp_ptr=grad_logp,
-                  N=n, V=v, HID=hid, stride_hn=hidden.stride(0), stride_wv=weight.stride(0),
-                  IGNORE_INDEX=ignore_index, **options)
-    # fp32 accumulators, zeroed: the kernels add tile products into them.
-    grad_hidden = torch.zeros(n, hid, dtype=torch.float32, device=hidden.device)
-    if n:
-        _bwd_hidden_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            GradH_ptr=grad_hidden, stride_ghn=grad_hidden.stride(0), **common)
-    grad_weight = None
-    if need_weight_grad:
-        grad_weight = torch.zeros(v, hid, dtype=torch.float32, device=hidden.device)
-        if n:
-            _bwd_weight_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
-                GradW_ptr=grad_weight, stride_gwv=grad_weight.stride(0), **common)
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_hidden.to(hidden.dtype), grad_weight
-
-
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), targets (N,) → ℓ (N,) fp32.
-
-    Saves lse (N,) fp32; the backward recomputes every logits tile and returns grad_hidden (N, H) and,
-    only when ``weight`` requires grad, grad_weight (V, H), in the input dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int = IGNORE_INDEX, blocks: dict | None = None):
-        logp, lse, _ = linear_token_logprobs_forward(hidden, weight, targets, ignore_index, blocks=blocks)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.ignore_index, ctx.blocks = ignore_index, blocks
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden, grad_weight = linear_token_logprobs_backward(
-            hidden, weight, targets, lse, grad_logp, ctx.ignore_index, ctx.needs_input_grad[1], ctx.blocks)
-        return grad_hidden, grad_weight, None, None, None
-
-
-class LinearSegmentStatsFunction(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), targets (N,), weights (N,), segment_ids (N,) → stats (M, 7) fp32.
-
-    One forward pass computes ℓ and reduces it into the per-completion sums (the fused epilogue).
-    Backward: dL/dstats → dL/dℓ (a gather, ``segment_stats.py``), then the recomputing linear backward.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, segment_ids, num_segments: int, tau: float,
-                ignore_index: int = IGNORE_INDEX, blocks: dict | None = None):
-        lt = _log_tau(tau)
-        logp, lse, stats = linear_token_logprobs_forward(
-            hidden, weight, targets, ignore_index, weights, segment_ids, num_segments, lt, blocks)
-        ctx.save_for_backward(hidden, weight, targets, weights, segment_ids, logp, lse)
-        ctx.log_tau, ctx.ignore_index, ctx.blocks = lt, ignore_index, blocks
-        return stats
-
-    @staticmethod
-    def backward(ctx, grad_stats):
-        hidden, weight, targets, weights, segment_ids, logp, lse = ctx.saved_tensors
-        grad_logp = segment_stats_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
-        grad_hidden, grad_weight = linear_token_logprobs_backward(
-            hidden, weight, targets, lse, grad_logp, ctx.ignore_index, ctx.needs_input_grad[1], ctx.blocks)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+    cfg = config or default_config(hidden.dtype)
+    dev = hidden.device
+    grad_hidden32 = torch.zeros(n, hid, dtype=torch.float32, device=dev) if need_hidden_grad else None
+    grad_weight = torch.zeros_like(weight) if need_weight_grad else None  # rows are written chunk by chunk
+    if n == 0 or not (need_hidden_grad or need_weight_grad):
+        return (None if grad_hidden32 is None else grad_hidden32.to(hidden.dtype)), grad_weight
+    plan = _Plan(n, v, hid, hidden.dtype, dev, cfg, store_chunk=True)
+    opts = _options(hidden.dtype, cfg)
+    cap = float(softcap)
+    dlogits = torch.empty(n, plan.chunk, dtype=hidden.dtype, device=dev)
+    scratch = torch.empty(n, dtype=torch.float32, device=dev)  # the target logit (not needed here)
+    grad_logp = grad_logp.float().contiguous()
+    for begin, cols in plan.chunks():
+        _linear_logits_kernel[(plan.token_tiles * plan.splits,)](
+            H_ptr=hidden, W_ptr=weight, Targets_ptr=targets, Lse_ptr=lse, GradLogp_ptr=grad_logp,
+            TargetLogit_ptr=scratch,
+            PartM_ptr=scratch, PartS_ptr=scratch, P_ptr=dlogits, N=n, V=v, HID=hid, v_begin=begin, chunk_cols=cols,
+            num_splits=plan.splits, stride_hn=hidden.stride(0), stride_wv=weight.stride(0),
+            stride_pn=dlogits.stride(0), stride_part=0, softcap=cap, MODE=MODE_DLOGITS, SOFTCAP=cap > 0,
+            IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            tiles_per_split=plan.tiles_per_split, GROUP=cfg.group, **opts)
+        if need_hidden_grad:
+            _prob_matmul(dlogits, weight, targets, scratch, scratch[:, None], grad_hidden32, begin, cols,
+                         ignore_index, cfg, opts, scaled=False)
+        if need_weight_grad:
+            _linear_weight_grad_kernel[(triton.cdiv(cols, cfg.block_m) * triton.cdiv(hid, cfg.block_out),)](
+                P_ptr=dlogits, H_ptr=hidden, GradW_ptr=grad_weight, N=n, HID=hid,
+                v_begin=begin, chunk_cols=cols, stride_pn=dlogits.stride(0), stride_hn=hidden.stride(0),
+                stride_gwv=grad_weight.stride(0), BLOCK_V=cfg.block_m, BLOCK_K=cfg.block_k,
+                BLOCK_OUT=cfg.block_out, GROUP=cfg.group, **opts)
+    return (None if grad_hidden32 is None else grad_hidden32.to(hidden.dtype)), grad_weight

@@ -1,14 +1,16 @@
-"""Per-completion statistics from per-token log-probs (the fused epilogue), forward and backward.
+"""Per-completion statistics of per-token log-probs: stats[m, :] = Σ_{t in completion m} columns(ℓ_t, w_t, g_t).
 
-The sums follow the contract of :mod:`pvfast.objectives.stats` (columns in ``STAT_FIELDS`` order), and
-``pvfast.objectives.stats.segment_stats_reference`` is the oracle. The epilogue is a ``@triton.jit`` helper,
-:func:`_accumulate_segment_stats`, so the fused linear kernel (``linear_token_logprobs.py``) calls it
-right after its vocabulary sweep while ℓ_t is still in registers; the standalone kernel here calls the
-same helper on ℓ_t read from memory.
+The columns and their gradient are the contract of :mod:`pvfast.objectives.stats`; the Triton helpers that
+compute them (``accumulate_segment_stats``, ``segment_logp_grad``) are generated from it into
+``stats_math.py``. The fused linear kernel calls the same helper right after its vocabulary sweep while
+ℓ_t is still in registers; the standalone kernels here call it on ℓ_t read from memory.
 
 Reduction: fp32 atomic adds into the (M, 7) output. A token tile may straddle several completions and a
 completion several tiles, so a program cannot own an output row; the atomics make the low bits of the
 sums depend on the order the programs finish (a few ulps of fp32, far below the bf16 noise of ℓ_t).
+
+A segment id ≥ M never indexes memory: the token adds NaN to every column of row 0 instead (see
+``pvfast.kernels`` for the index checks).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pvfast.objectives.stats import NUM_STATS
-from pvfast.objectives.config import log_tau as _log_tau
+from pvfast.kernels import check_segment_values
+from pvfast.kernels.stats_math import NUM_STATS, accumulate_segment_stats, segment_logp_grad
 
 # One program reduces this many tokens: the kernels are memory-bound and tiny (N ≤ ~64k tokens), so a
 # large block keeps the launch to a handful of programs.
@@ -26,127 +28,66 @@ SEGMENT_BLOCK = 1024
 
 
 @triton.jit
-def _accumulate_segment_stats(Stats_ptr, logp, weight, seg, scored, log_tau, NUM_COLS: tl.constexpr):
-    # For each scored token t (seg_t >= 0), with g_t = 1[ℓ_t < log τ]:
-    #   stats[seg_t] += (ℓ_t, w_t ℓ_t, w_t, 1, w_t g_t (−ℓ_t), w_t g_t, g_t)
-    gate = tl.where(logp < log_tau, 1.0, 0.0)
-    row = Stats_ptr + tl.where(scored, seg, 0) * NUM_COLS
-    tl.atomic_add(row + 0, logp, mask=scored)
-    tl.atomic_add(row + 1, weight * logp, mask=scored)
-    tl.atomic_add(row + 2, weight, mask=scored)
-    tl.atomic_add(row + 3, tl.where(scored, 1.0, 0.0), mask=scored)
-    tl.atomic_add(row + 4, -(weight * gate * logp), mask=scored)
-    tl.atomic_add(row + 5, weight * gate, mask=scored)
-    tl.atomic_add(row + 6, gate, mask=scored)
+def segment_stats_epilogue(Stats_ptr, logp, weight, seg, in_range, num_segments, log_tau):
+    # stats[seg_t] += columns(ℓ_t, w_t, g_t) for scored tokens (0 ≤ seg_t < M); a token with seg_t ≥ M
+    # poisons row 0 with NaN (when M > 0) instead of writing out of bounds.
+    scored = in_range & (seg >= 0) & (seg < num_segments)
+    bad = in_range & (seg >= num_segments)
+    accumulate_segment_stats(Stats_ptr, logp, weight, seg, scored, log_tau)
+    poison = tl.max(bad.to(tl.int32), axis=0) > 0
+    if poison & (num_segments > 0):
+        for c in tl.static_range(NUM_STATS):
+            tl.atomic_add(Stats_ptr + c, float("nan"))
 
 
 @triton.jit
-def _segment_stats_fwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, Stats_ptr, N, log_tau,
-                               NUM_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    # stats[m, :] = Σ_{t: seg_t = m} (ℓ_t, w_t ℓ_t, w_t, 1, −w_t g_t ℓ_t, w_t g_t, g_t)
+def _segment_stats_fwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, Stats_ptr, N, num_segments, log_tau,
+                              BLOCK: tl.constexpr):
+    # stats[m, :] = Σ_{t: seg_t = m} columns(ℓ_t, w_t, g_t)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < N
     seg = tl.load(Seg_ptr + offs, mask=in_range, other=-1)
     logp = tl.load(Logp_ptr + offs, mask=in_range, other=0.0)
     weight = tl.load(Weight_ptr + offs, mask=in_range, other=0.0)
-    _accumulate_segment_stats(Stats_ptr, logp, weight, seg, seg >= 0, log_tau, NUM_COLS)
+    segment_stats_epilogue(Stats_ptr, logp, weight, seg, in_range, num_segments, log_tau)
 
 
 @triton.jit
-def _segment_stats_bwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, GradStats_ptr, GradLogp_ptr, N, log_tau,
-                               NUM_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    # Only columns 0, 1 and 4 depend on ℓ_t (the gate carries no gradient), so for m = seg_t:
-    #   dL/dℓ_t = G[m, 0] + w_t G[m, 1] − w_t g_t G[m, 4]      (0 for unscored tokens)
+def _segment_stats_bwd_kernel(Logp_ptr, Weight_ptr, Seg_ptr, GradStats_ptr, GradLogp_ptr, N, num_segments,
+                              log_tau, BLOCK: tl.constexpr):
+    # dL/dℓ_t = Σ_c G[seg_t, c] · d column_c / dℓ_t  (0 for unscored tokens, NaN for seg_t ≥ M)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < N
     seg = tl.load(Seg_ptr + offs, mask=in_range, other=-1)
-    scored = seg >= 0
+    scored = in_range & (seg >= 0) & (seg < num_segments)
     logp = tl.load(Logp_ptr + offs, mask=in_range, other=0.0)
     weight = tl.load(Weight_ptr + offs, mask=in_range, other=0.0)
-    row = GradStats_ptr + tl.where(scored, seg, 0) * NUM_COLS
-    g_sum = tl.load(row + 0, mask=scored, other=0.0)
-    g_wsum = tl.load(row + 1, mask=scored, other=0.0)
-    g_gated = tl.load(row + 4, mask=scored, other=0.0)
-    gate = tl.where(logp < log_tau, 1.0, 0.0)
-    grad = tl.where(scored, g_sum + weight * g_wsum - weight * gate * g_gated, 0.0)
+    grad = segment_logp_grad(GradStats_ptr, logp, weight, seg, scored, log_tau)
+    grad = tl.where(seg >= num_segments, float("nan"), grad)
     tl.store(GradLogp_ptr + offs, grad, mask=in_range)
 
 
-def check_segment_vectors(num_tokens: int, device: torch.device, weights: torch.Tensor,
-                          segment_ids: torch.Tensor, num_segments: int, op: str) -> None:
-    """Checks on the per-token weights and segment ids shared by the standalone and fused ops."""
-    if weights.shape != (num_tokens,) or segment_ids.shape != (num_tokens,):
-        raise ValueError(f"{op}: weights and segment_ids must be ({num_tokens},), got "
-                         f"{tuple(weights.shape)} and {tuple(segment_ids.shape)}")
-    if weights.device != device or segment_ids.device != device:
-        raise ValueError(f"{op}: weights on {weights.device} and segment_ids on {segment_ids.device}, "
-                         f"expected {device}")
-    if not weights.is_floating_point():
-        raise TypeError(f"{op}: weights must be floating point, got {weights.dtype}")
-    if segment_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: segment_ids must be int32 or int64, got {segment_ids.dtype}")
-    if num_segments < 0:
-        raise ValueError(f"{op}: num_segments must be >= 0, got {num_segments}")
-
-
-def check_segment_inputs(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
-                         num_segments: int) -> None:
-    """Shape/dtype/device checks of the standalone segment statistics."""
-    if logp.dim() != 1 or not logp.is_floating_point():
-        raise ValueError(f"segment_stats: logp must be a 1-D float tensor, got {logp.dtype} "
-                         f"of shape {tuple(logp.shape)}")
-    check_segment_vectors(logp.shape[0], logp.device, weights, segment_ids, num_segments, "segment_stats")
-
-
 def segment_stats_forward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
-                           num_segments: int, log_tau: float) -> torch.Tensor:
-    """(N,) ℓ_t, w_t, seg_t → (M, 7) fp32 sums. Segment ids must lie in [-1, M)."""
-    check_segment_inputs(logp, weights, segment_ids, num_segments)
-    logp = logp.float().contiguous()
-    weights = weights.float().contiguous()
-    segment_ids = segment_ids.long().contiguous()
+                          num_segments: int, log_tau: float) -> torch.Tensor:
+    """(N,) ℓ_t fp32, w_t fp32, seg_t int64 (contiguous) → (M, 7) fp32 sums. Segment ids lie in [-1, M)."""
+    check_segment_values(segment_ids, num_segments, "segment_stats")
     n = logp.numel()
     stats = torch.zeros(num_segments, NUM_STATS, dtype=torch.float32, device=logp.device)  # atomics add into it
     if n and num_segments:
         _segment_stats_fwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
             Logp_ptr=logp, Weight_ptr=weights, Seg_ptr=segment_ids, Stats_ptr=stats, N=n,
-            log_tau=float(log_tau), NUM_COLS=NUM_STATS, BLOCK=SEGMENT_BLOCK)
+            num_segments=num_segments, log_tau=float(log_tau), BLOCK=SEGMENT_BLOCK)
     return stats
 
 
 def segment_stats_backward(logp: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor,
-                            grad_stats: torch.Tensor, log_tau: float) -> torch.Tensor:
-    """Upstream dL/dstats (M, 7) → dL/dℓ (N,) fp32."""
-    logp = logp.float().contiguous()
-    weights = weights.float().contiguous()
-    segment_ids = segment_ids.long().contiguous()
-    grad_stats = grad_stats.float().contiguous()
+                           grad_stats: torch.Tensor, log_tau: float) -> torch.Tensor:
+    """Upstream dL/dstats (M, 7) fp32 contiguous → dL/dℓ (N,) fp32."""
     n = logp.numel()
     grad_logp = torch.empty(n, dtype=torch.float32, device=logp.device)
     if n:
         _segment_stats_bwd_kernel[(triton.cdiv(n, SEGMENT_BLOCK),)](
             Logp_ptr=logp, Weight_ptr=weights, Seg_ptr=segment_ids, GradStats_ptr=grad_stats,
-            GradLogp_ptr=grad_logp, N=n, log_tau=float(log_tau), NUM_COLS=NUM_STATS, BLOCK=SEGMENT_BLOCK)
+            GradLogp_ptr=grad_logp, N=n, num_segments=grad_stats.shape[0], log_tau=float(log_tau),
+            BLOCK=SEGMENT_BLOCK)
     return grad_logp
-
-
-class SegmentStatsFunction(torch.autograd.Function):
-    """stats (M, 7) fp32 = segment sums of logp (N,) with weights (N,) and segment_ids (N,).
-
-    The backward is a gather (no recomputation): dL/dℓ_t from the three differentiable columns.
-    Only ``logp`` receives a gradient (weights and the gate are data).
-    """
-
-    @staticmethod
-    def forward(ctx, logp, weights, segment_ids, num_segments: int, tau: float):
-        lt = _log_tau(tau)
-        stats = segment_stats_forward(logp, weights, segment_ids, num_segments, lt)
-        ctx.save_for_backward(logp, weights, segment_ids)
-        ctx.log_tau = lt
-        return stats
-
-    @staticmethod
-    def backward(ctx, grad_stats):
-        logp, weights, segment_ids = ctx.saved_tensors
-        grad_logp = segment_stats_backward(logp, weights, segment_ids, grad_stats, ctx.log_tau)
-        return grad_logp.to(logp.dtype), None, None, None, None

@@ -3,7 +3,11 @@
 One program per token row sweeps the vocabulary once with an online log-sum-exp (the row is never held
 whole, so any V works). The backward recomputes the softmax blockwise from the saved lse instead of
 storing it. Rows whose target is ``ignore_index`` do no vocabulary work in the forward (ℓ = 0) and get
-an all-zero gradient row.
+an all-zero gradient row; a target outside [0, V) gives ℓ = lse = NaN (see ``pvfast.kernels``).
+
+Memory-bound by nature (it reads N×V logits the caller materialised); the fused lm-head op in
+``linear_token_logprobs.py`` is the path that avoids them. The autograd Function is
+``pvfast.ops.functions.TokenLogprobs``.
 """
 
 from __future__ import annotations
@@ -12,15 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+from pvfast.kernels import check_target_values
+from pvfast.objectives.stats import IGNORE_INDEX
 
 # Vocabulary columns per step of the sweep. The op is memory-bound: 4096 fp32 values per step keep each
 # warp streaming long contiguous runs without spilling registers; under the interpreter a larger block
 # only means fewer, bigger numpy operations.
 BLOCK_V = 4096
 NUM_WARPS = 8
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -45,8 +48,10 @@ def _token_logprobs_fwd_kernel(Logits_ptr, Targets_ptr, Logp_ptr, Lse_ptr, V, st
     in_vocab = active & (target >= 0) & (target < V)
     target_logit = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=in_vocab, other=0.0).to(tl.float32)
     lse = tl.where(active, m + tl.log(tl.where(active, s, 1.0)), 0.0)
-    tl.store(Lse_ptr + row, lse)
-    tl.store(Logp_ptr + row, tl.where(active, target_logit - lse, 0.0))
+    logp = tl.where(active, target_logit - lse, 0.0)
+    bad = active & ~in_vocab  # out-of-range target: poison, never a silently wrong number
+    tl.store(Lse_ptr + row, tl.where(bad, float("nan"), lse))
+    tl.store(Logp_ptr + row, tl.where(bad, float("nan"), logp))
 
 
 @triton.jit
@@ -70,21 +75,6 @@ def _token_logprobs_bwd_kernel(Logits_ptr, Targets_ptr, Lse_ptr, GradLogp_ptr, G
         tl.store(grad_ptr + offs, dx.to(GradLogits_ptr.dtype.element_ty), mask=in_row)
 
 
-def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """Shape/dtype/device checks shared by every token_logprobs implementation."""
-    if logits.dim() != 2:
-        raise ValueError(f"token_logprobs: logits must be (N, V), got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"token_logprobs: targets must be (N,) = ({logits.shape[0]},), "
-                         f"got shape {tuple(targets.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"token_logprobs: logits must be float32/float16/bfloat16, got {logits.dtype}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"token_logprobs: targets must be int32 or int64, got {targets.dtype}")
-    if targets.device != logits.device:
-        raise ValueError(f"token_logprobs: logits on {logits.device} but targets on {targets.device}")
-
-
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     """Kernels take a row stride but need unit stride along the vocabulary."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -93,10 +83,10 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 def token_logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                            block_v: int = BLOCK_V) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (N, V), targets (N,) → (logp fp32 (N,), lse fp32 (N,)); 0 in both for ignored rows."""
-    check_logits_targets(logits, targets)
     logits = _row_major(logits)
     targets = targets.contiguous()
     n, v = logits.shape
+    check_target_values(targets, v, ignore_index, "token_logprobs")
     block_v = min(block_v, triton.next_power_of_2(v))
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -111,7 +101,6 @@ def token_logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, lse: to
                             grad_logp: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                             block_v: int = BLOCK_V) -> torch.Tensor:
     """Upstream dL/dℓ (N,) → dL/dlogits (N, V) in the dtype of logits."""
-    check_logits_targets(logits, targets)
     logits = _row_major(logits)
     targets = targets.contiguous()
     grad_logp = grad_logp.float().contiguous()
@@ -124,24 +113,3 @@ def token_logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, lse: to
             GradLogits_ptr=grad_logits, V=v, stride_lm=logits.stride(0), stride_gm=grad_logits.stride(0),
             IGNORE_INDEX=ignore_index, BLOCK_V=block_v, num_warps=NUM_WARPS)
     return grad_logits
-
-
-class TokenLogprobsFunction(torch.autograd.Function):
-    """logits (N, V) float, targets (N,) int → ℓ (N,) fp32.
-
-    Saves lse (N,) fp32; the backward recomputes the softmax blockwise from it and returns
-    dL/dlogits (N, V) in the dtype of ``logits``.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int = IGNORE_INDEX, block_v: int = BLOCK_V):
-        logp, lse = token_logprobs_forward(logits, targets, ignore_index, block_v)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.ignore_index, ctx.block_v = ignore_index, block_v
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, targets, lse = ctx.saved_tensors
-        grad_logits = token_logprobs_backward(logits, targets, lse, grad_logp, ctx.ignore_index, ctx.block_v)
-        return grad_logits, None, None, None

@@ -12,9 +12,10 @@ import warnings
 
 import pytest
 import torch
+from ops_reference import assert_within_torch_error
 
 from pvfast.objectives.config import log_tau
-from pvfast.objectives.stats import NUM_STATS, segment_stats_reference
+from pvfast.objectives.stats import IGNORE_INDEX, NUM_STATS, segment_stats_reference
 from pvfast.ops import cpp_backend as _cpp
 
 try:
@@ -29,7 +30,7 @@ needs_ext = pytest.mark.skipif(
     "PVFAST_SKIP_CPP_BUILD=1 skips it)",
 )
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (atol, rtol) for outputs in each dtype: fp32 arithmetic error for fp32 outputs, one rounding
 # of the output (2^-8 bf16, 2^-11 fp16 relative) on top of it otherwise.
@@ -166,12 +167,16 @@ def linear_inputs(n, hidden_size, vocab, dtype, seed):
     return hidden, weight, make_targets(n, vocab, gen), upstream_grad(n, gen)
 
 
-def linear_reference(hidden, weight, targets, g):
-    """float64 ℓ, lse and the gradients of Σ g_t ℓ_t with respect to hidden and weight."""
-    h = hidden.double().requires_grad_()
-    w = weight.double().requires_grad_()
-    logp, lse = reference_logp(h @ w.T, targets)
-    (logp * g.double()).sum().backward()
+def linear_reference(hidden, weight, targets, g, dtype=torch.float64, softcap=None):
+    """ℓ, lse and the gradients of Σ g_t ℓ_t w.r.t. hidden and weight, by torch autograd in ``dtype`` (float64:
+    the reference; float32: torch's own fp32 computation, for the error rule)."""
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    z = h @ w.T
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp, lse = reference_logp(z, targets)
+    (logp * g.to(dtype)).sum().backward()
     return logp.detach(), lse.detach(), h.grad, w.grad
 
 
@@ -183,20 +188,20 @@ def test_linear_token_logprobs_matches_float64(dtype, shape):
     hidden, weight, targets, g = linear_inputs(n, hidden_size, vocab, dtype, seed=sum(shape))
     ref_logp, ref_lse, ref_gh, ref_gw = linear_reference(hidden, weight, targets, g)
 
-    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
+    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, 0.0)
     close(logp, ref_logp, LOGP_TOL)
     close(lse, ref_lse, LOGP_TOL)
 
     poison_heap((n, hidden_size), dtype)
     grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(
-        hidden, weight, targets, lse, g, IGNORE, True)
+        hidden, weight, targets, lse, g, IGNORE, 0.0, True)
     assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
     close(grad_hidden, ref_gh, OUT_TOL[dtype])
     close(grad_weight, ref_gw, OUT_TOL[dtype])
     assert torch.all(grad_hidden[targets == IGNORE] == 0)
 
     grad_hidden_only, no_weight_grad = _C.linear_token_logprobs_bwd(
-        hidden, weight, targets, lse, g, IGNORE, False)
+        hidden, weight, targets, lse, g, IGNORE, 0.0, False)
     assert no_weight_grad.numel() == 0
     close(grad_hidden_only, ref_gh, OUT_TOL[dtype])
 
@@ -211,9 +216,9 @@ def test_linear_bwd_several_tiles_and_thread_counts(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
+        logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, 0.0)
         grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(
-            hidden, weight, targets, lse, g, IGNORE, True)
+            hidden, weight, targets, lse, g, IGNORE, 0.0, True)
     finally:
         torch.set_num_threads(before)
     close(logp, ref_logp, LOGP_TOL)
@@ -223,16 +228,21 @@ def test_linear_bwd_several_tiles_and_thread_counts(threads):
 
 @needs_ext
 def test_linear_large_vocab():
+    """V > 65,536: a fixed fp32 tolerance would depend on the CPU's BLAS (a sum over 70k products), so the
+    rule is the STYLE one: our error ≤ 2 × torch's own fp32 error + tol, both against float64."""
     hidden, weight, targets, g = linear_inputs(6, 16, 70_001, torch.float32, seed=5)
     targets[1] = 70_000
     ref_logp, ref_lse, ref_gh, ref_gw = linear_reference(hidden, weight, targets, g)
-    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
-    close(logp, ref_logp, LOGP_TOL)
-    close(lse, ref_lse, LOGP_TOL)
+    torch_logp, torch_lse, torch_gh, torch_gw = linear_reference(hidden, weight, targets, g, dtype=torch.float32)
+    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, 0.0)
+    assert_within_torch_error(logp, ref_logp, torch_logp, "logp")
+    assert_within_torch_error(lse, ref_lse, torch_lse, "lse")
     grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(
-        hidden, weight, targets, lse, g, IGNORE, True)
-    close(grad_hidden, ref_gh, OUT_TOL[torch.float32])
-    close(grad_weight, ref_gw, OUT_TOL[torch.float32])
+        hidden, weight, targets, lse, g, IGNORE, 0.0, True)
+    assert_within_torch_error(grad_hidden, ref_gh, torch_gh, "grad_hidden")
+    assert_within_torch_error(grad_weight, ref_gw, torch_gw, "grad_weight")
+    _, _, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE, 0.0)
+    assert_within_torch_error(g[:, None] * direction, ref_gh, torch_gh, "grad_hidden (gradient in the forward)")
 
 
 def _peak_rss_bytes_during(fn) -> int:
@@ -257,8 +267,8 @@ def test_linear_ops_never_hold_the_logits():
     outputs_bytes = (n * hidden_size + vocab * hidden_size) * 4
 
     def fwd_bwd():
-        _, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
-        _C.linear_token_logprobs_bwd(hidden, weight, targets, lse, g, IGNORE, True)
+        _, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, 0.0)
+        _C.linear_token_logprobs_bwd(hidden, weight, targets, lse, g, IGNORE, 0.0, True)
 
     try:
         growth = _peak_rss_bytes_during(fwd_bwd)
@@ -271,10 +281,10 @@ def test_linear_ops_never_hold_the_logits():
 def test_linear_all_ignored_costs_nothing_and_returns_zeros():
     hidden, weight, _, g = linear_inputs(9, 8, 50, torch.bfloat16, seed=2)
     targets = torch.full((9,), IGNORE)
-    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE)
+    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, 0.0)
     assert torch.all(logp == 0) and torch.all(lse == 0)
     grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(
-        hidden, weight, targets, lse, g, IGNORE, True)
+        hidden, weight, targets, lse, g, IGNORE, 0.0, True)
     assert grad_hidden.shape == hidden.shape and torch.all(grad_hidden == 0)
     assert grad_weight.shape == weight.shape and torch.all(grad_weight == 0)
 
@@ -291,7 +301,7 @@ def assert_direction_matches_float64(hidden, weight, targets, g, dtype):
     ref_logp, ref_lse, ref_direction, _ = linear_reference(hidden, weight, targets, torch.ones(len(targets)))
     _, _, ref_gh, _ = linear_reference(hidden, weight, targets, g)
     poison_heap((hidden.shape[0], hidden.shape[1]), torch.float32)
-    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE)
+    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE, 0.0)
     assert direction.dtype == torch.float32 and direction.shape == hidden.shape
     close(logp, ref_logp, LOGP_TOL)
     close(lse, ref_lse, LOGP_TOL)
@@ -341,9 +351,50 @@ def test_linear_fwd_with_grad_rescales_when_the_row_max_grows():
 def test_linear_fwd_with_grad_all_ignored_returns_zeros():
     hidden, weight, _, _ = linear_inputs(9, 8, 50, torch.bfloat16, seed=3)
     targets = torch.full((9,), IGNORE)
-    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE)
+    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE, 0.0)
     assert torch.all(logp == 0) and torch.all(lse == 0)
     assert direction.shape == hidden.shape and torch.all(direction == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# final-logit soft-capping (Gemma 2): z' = c·tanh(z/c) in the forward and every gradient
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_softcap_matches_float64(dtype):
+    n, hidden_size, vocab, cap = 41, 96, 1271, 4.0
+    hidden, weight, targets, g = linear_inputs(n, hidden_size, vocab, dtype, seed=71)  # logits reach ±10
+    ref_logp, ref_lse, ref_gh, ref_gw = linear_reference(hidden, weight, targets, g, softcap=cap)
+    _, _, ref_direction, _ = linear_reference(hidden, weight, targets, torch.ones(n), softcap=cap)
+    uncapped_logp, _, _, _ = linear_reference(hidden, weight, targets, g)
+    assert (uncapped_logp - ref_logp).abs().max() > 0.5  # the cap matters at these logits
+
+    logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, cap)
+    close(logp, ref_logp, LOGP_TOL)
+    close(lse, ref_lse, LOGP_TOL)
+    grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(hidden, weight, targets, lse, g, IGNORE, cap, True)
+    close(grad_hidden, ref_gh, OUT_TOL[dtype])
+    close(grad_weight, ref_gw, OUT_TOL[dtype])
+    logp2, lse2, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE, cap)
+    close(logp2, ref_logp, LOGP_TOL)
+    close(direction, ref_direction, DIRECTION_TOL)
+    close((g[:, None] * direction).to(dtype), ref_gh, OUT_TOL[dtype])
+
+
+@needs_ext
+def test_linear_softcap_saturates_without_nan():
+    """Logits far past the cap (|z| ~ 1e4 ≫ c): z' = ±c, slope 0, no overflow in the exp of the tanh."""
+    hidden = torch.tensor([[100.0, -100.0], [1.0, 2.0]])
+    weight = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 2])
+    logp, lse, direction = _C.linear_token_logprobs_fwd_with_grad(hidden, weight, targets, IGNORE, 2.0)
+    ref_logp, _, ref_direction, _ = linear_reference(hidden, weight, targets, torch.ones(2), softcap=2.0)
+    close(logp, ref_logp, LOGP_TOL)
+    close(direction, ref_direction, DIRECTION_TOL)
+    assert torch.isfinite(direction).all()
+    with pytest.raises(RuntimeError, match="softcap must be a finite number > 0"):
+        _C.linear_token_logprobs_fwd(hidden, weight, targets, IGNORE, -1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,7 +478,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match=r"lse must have shape \(4\)"):
         _C.token_logprobs_bwd(logits, targets, torch.zeros(3), torch.zeros(4), IGNORE)
     with pytest.raises(RuntimeError, match="disagree on H"):
-        _C.linear_token_logprobs_fwd(torch.randn(4, 8), torch.randn(10, 9), targets, IGNORE)
+        _C.linear_token_logprobs_fwd(torch.randn(4, 8), torch.randn(10, 9), targets, IGNORE, 0.0)
     with pytest.raises(RuntimeError, match="segment_ids must be < num_segments=2"):
         _C.segment_stats_fwd(torch.zeros(3), torch.ones(3), torch.tensor([0, 2, -1]), 2, -0.5)
     with pytest.raises(RuntimeError, match=r"grad_stats must have shape \(M, 7\)"):
