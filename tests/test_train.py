@@ -177,7 +177,7 @@ def test_non_finite_loss_stops_with_exit_3_naming_step_and_records(tmp_path, mon
         out = forward(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
-            out.loss = out.loss * float("nan")
+            out.loss, out.loss_sum = out.loss * float("nan"), out.loss_sum * float("nan")
         return out
 
     monkeypatch.setattr(FusedTokenPOLoss, "forward", nan_on_second_call)

@@ -23,6 +23,7 @@ TRUST_REMOTE_CODE = False
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 STRATEGIES = ("label", "missing", "extra")  # kinds of rejected output (SPEC §4)
+AUTOCAST_MODES = ("auto", "off", "bf16")  # RunConfig.autocast
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class RunConfig:
     # Time-boxed runs: end this invocation after this many optimizer steps (counted from where it started),
     # with a checkpoint; --run.resume continues exactly. None = run to the end.
     stop_after_steps: int | None = None
+    # Compute precision of every forward pass (reference and policy alike, pvfast.model.precision):
+    # auto = bf16 autocast on CUDA, full precision on the CPU; bf16 = autocast on any device; off = weights' dtype.
+    autocast: Literal["auto", "off", "bf16"] = "auto"
     evaluate: bool = True  # generate and score on the test split at the end (SPEC §5)
     # Pipeline: also score the untouched base model (before SFT) and the SFT model (before PO) on the test
     # split, and print the three side by side at the end.

@@ -250,6 +250,15 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out.div_(ctx.world_size)
 
 
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, as a new tensor (no autograd); the tensor itself with one process."""
+    if not ctx.distributed:
+        return tensor.detach()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait until every rank gets here (no-op in a single process)."""
     if not ctx.distributed:

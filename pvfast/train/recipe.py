@@ -231,11 +231,11 @@ def run_po(model_cfg: ModelConfig, data_cfg: DataConfig, optim: OptimConfig, run
                                 else f"reference_cache.rank{ctx.rank}.safetensors")
         started = time.perf_counter()
         cache = precompute_reference(model, batches, loss_fn, cache_path, device=ctx.device,
-                                     overwrite=not run.resume)
+                                     overwrite=not run.resume, autocast_mode=run.autocast)
         log.say(f"reference: {len(cache)} packs scored once in {time.perf_counter() - started:.1f}s -> {cache_path}")
-        reference = lambda batch, mask: cache.get(batch)  # noqa: E731
+        reference = lambda cpu_batch, batch, mask: cache.get(cpu_batch, device=ctx.device)  # noqa: E731
     elif loss_fn.needs_reference:
-        reference = lambda batch, mask: reference_stats(model, batch, loss_fn, mask)  # noqa: E731
+        reference = lambda cpu_batch, batch, mask: reference_stats(model, batch, loss_fn, mask)  # noqa: E731
     result = train_loop(dist.wrap_model(model, ctx), batches, loss_fn, reference, optim, run, out_dir, ctx,
                         config_dict, log, objective)
     if not result.finished:
