@@ -397,3 +397,21 @@ def test_a_layer_that_bypasses_the_tree_is_detected():
     (batch,) = pack(_groups(0), token_budget=256)
     with pytest.raises(UnsupportedModelError, match="1 of 2 attention layers ran through 'pvfast_tree'"):
         packed_forward(model, batch)
+
+
+@pytest.mark.slow
+def test_flex_attention_windowed_block_masks_equal_separate_sequences():
+    # The first FlexAttention calls compile (~20 s each on the CPU): one small windowed case only.
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model = _random_model(_qwen2_windowed(5), "sdpa")
+    groups = _long_groups(8)
+    (batch,) = pack(groups, token_budget=1024)
+    with torch.no_grad():
+        separate = _separate_logprobs(model, groups)
+        model.set_attn_implementation("flex_attention")
+        mask = packed_attention_mask(model, batch)
+        assert set(mask) == {"full_attention", "sliding_attention"}
+        assert all(isinstance(m, BlockMask) for m in mask.values())
+        tree = packed_token_logprobs(model, batch, mask)
+    torch.testing.assert_close(tree, separate, atol=1e-5, rtol=0)

@@ -143,6 +143,30 @@ def test_mask_is_ancestor_or_self_on_random_forest(seed):
     assert batch.num_segments == sum(len(g.completions) for g in groups)
 
 
+@pytest.mark.parametrize("window", [1, 2, 3, 7])
+def test_windowed_mask_counts_positions_along_the_root_path(window):
+    rng = random.Random(window)
+    groups = _random_groups(rng, n_groups=4, vocab=3, shared_prefix=[0, 1, 2, 0])
+    batch = build_packed_batch(groups, pad_to_multiple=4)
+    full = batch.attention_mask()[0, 0]
+    windowed = batch.attention_mask(window)[0, 0]
+    depth = batch.position_ids.tolist()
+    # Brute force from the unwindowed relation: an ancestor-or-self k is kept iff fewer than `window` levels
+    # separate it from q (transformers: kv_idx > q_idx - sliding_window on an unshared sequence, where index =
+    # depth). On a root path, depths are 0..d, so q sees exactly its last min(window, d + 1) path tokens.
+    brute = torch.zeros_like(full)
+    for q in range(batch.num_tokens):
+        for k in range(batch.num_tokens):
+            brute[q, k] = bool(full[q, k]) and depth[q] - depth[k] < window
+        assert int(brute[q].sum()) == min(window, depth[q] + 1)
+    assert torch.equal(windowed, brute)
+    idx = torch.arange(batch.num_tokens)
+    mod = tree_mask_mod(batch.subtree_end, batch.position_ids, window)
+    assert torch.equal(mod(0, 0, idx[:, None], idx[None, :]), brute)
+    with pytest.raises(ValueError, match="sliding window must be a positive int"):
+        batch.attention_mask(0)
+
+
 # ---------------------------------------------------------------- packer policy
 
 
