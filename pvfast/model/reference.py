@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pvfast.model.forward import lm_head_weight, packed_forward
+from pvfast.model.precision import autocast
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch
 
@@ -81,7 +82,17 @@ def reference_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attentio
 
 
 def batch_key(batch: LossBatch) -> str:
-    """SHA-256 (hex) of everything a row's statistics depend on: tokens, tree, scoring rows and weights."""
+    """SHA-256 (hex) of everything a row's statistics depend on: tokens, tree, scoring rows and weights.
+
+    Computed once per batch object and kept on it (a copy made by ``LossBatch.to`` keeps it), so a step
+    looks its reference up without hashing, or copying device tensors back, again.
+    """
+    if batch.content_key is None:
+        batch.content_key = _content_hash(batch)
+    return batch.content_key
+
+
+def _content_hash(batch: LossBatch) -> str:
     digest = hashlib.sha256()
     for name in _HASHED_FIELDS:
         tensor = getattr(batch.packed, name).detach().cpu().contiguous()
@@ -113,7 +124,9 @@ class ReferenceCache:
     def __contains__(self, batch: LossBatch) -> bool:
         return batch_key(batch) in self._stats
 
-    def get(self, batch: LossBatch) -> torch.Tensor:
+    def get(self, batch: LossBatch, device: torch.device | str | None = None) -> torch.Tensor:
+        """(M, 7) statistics of ``batch`` (pass the CPU batch: its key is hashed once and kept) on ``device``
+        (default: the device of the batch's tensors)."""
         key = batch_key(batch)
         stats = self._stats.get(key)
         where = f"reference cache {self.path}" if self.path is not None else "reference cache"
@@ -125,7 +138,7 @@ class ReferenceCache:
         if stats.shape[0] != batch.packed.num_segments:  # only a corrupted file gets here
             raise ValueError(f"{where}: entry {key[:12]} has {stats.shape[0]} rows for "
                              f"{batch.packed.num_segments} completions")
-        return stats.to(batch.packed.input_ids.device)
+        return stats.to(batch.packed.input_ids.device if device is None else device)
 
     def check_settings(self, loss_fn: FusedTokenPOLoss) -> None:
         """Raise ValueError if the cache was computed under other gate/weighting settings than ``loss_fn``."""
@@ -176,6 +189,7 @@ def precompute_reference(
     disable_adapters: bool = True,
     device: torch.device | str | None = None,
     overwrite: bool = False,
+    autocast_mode: str = "off",
 ) -> ReferenceCache:
     """Score every batch once with the reference and store the statistics at ``cache_path``.
 
@@ -187,6 +201,8 @@ def precompute_reference(
         device: where to score (None: where each batch already is).
         overwrite: replace an existing file that does not cover ``batches``; without it such a file is an
             error (it belongs to other data), and a file that covers every batch is reused as is.
+        autocast_mode: the run's precision (``RunConfig.autocast``): the reference is scored under the same
+            precision as the policy pass, so the two agree to the bit while the policy equals the reference.
     Returns:
         the cache, loaded back from disk (what a resumed run reads).
     """
@@ -204,6 +220,8 @@ def precompute_reference(
     for batch in batches:
         key = batch_key(batch)
         if key not in stats:  # identical rows (e.g. duplicated records) are scored once
-            stats[key] = score(model, batch if device is None else batch.to(device), loss_fn).float().cpu()
+            scored = batch if device is None else batch.to(device)
+            with autocast(autocast_mode, scored.packed.input_ids.device):
+                stats[key] = score(model, scored, loss_fn).float().cpu()
     ReferenceCache(stats, _settings(loss_fn)).save(path)
     return ReferenceCache.load(path, loss_fn)

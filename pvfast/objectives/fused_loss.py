@@ -114,8 +114,16 @@ class FusedTokenPOLoss(nn.Module):
     def statistics(self, rows: ScoringRows, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """(M, 7) per-completion statistics of ``rows`` under this objective's token weights and gate."""
         weights = effective_token_weights(rows.weights, self.config)
-        return ops.linear_segment_stats(rows.hidden, lm_head_weight, rows.targets, weights, rows.segment_ids,
-                                         rows.num_segments, self.tau, impl=self.impl)
+        hidden, weight = rows.hidden, lm_head_weight
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast the lm_head runs in the autocast dtype, as F.linear would; the op itself then runs
+            # with autocast off so its internal fp32 accumulation is not cast down again.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return ops.linear_segment_stats(hidden, weight, rows.targets, weights, rows.segment_ids,
+                                            rows.num_segments, self.tau, impl=self.impl)
 
     def forward(self, rows: ScoringRows, lm_head_weight: torch.Tensor, pairs: PairIndex | None = None,
                 ref_stats: torch.Tensor | None = None,

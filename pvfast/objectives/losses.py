@@ -298,10 +298,21 @@ class PairTerms:
 
 @dataclass
 class ObjectiveOutput:
-    """A batch loss (0-dim, differentiable) and its metrics (0-dim, detached)."""
+    """A batch loss and its metrics, with the loss split into a sum and its normaliser.
 
-    loss: torch.Tensor
+    ``loss = loss_sum / normalizer``. Every objective is a ratio of two sums over the batch's units (pairs,
+    completions or tokens; see each objective), so the loss of several micro-batches (or ranks) together is
+    ``Σ loss_sum / Σ normalizer``, whatever the split: a trainer that accumulates gradients backpropagates
+    ``loss_sum`` and divides by the step's total ``normalizer`` (the pvfast trainer does,
+    :mod:`pvfast.train.loop`). ``metrics`` are 0-dim detached means; ``metric_counts[name]`` is the count
+    behind the mean (so means combine exactly over micro-batches), None for a metric that is a plain sum.
+    """
+
+    loss: torch.Tensor  # 0-dim, differentiable
+    loss_sum: torch.Tensor  # 0-dim, differentiable: the numerator
+    normalizer: torch.Tensor  # 0-dim, detached: the denominator (data only, no model output)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric_counts: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
 def _log_ratios(policy: CompletionStats, ref: CompletionStats | None, pairs: PairIndex, score: str):
@@ -372,51 +383,65 @@ def simpo_terms(policy: CompletionStats, ref: None, pairs: PairIndex, config: Si
                      config.beta * s_w, config.beta * s_l)
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (weights * values).sum() / weights.sum()
-
-
 def reduce_pair_terms(terms: PairTerms, weights: torch.Tensor, policy: CompletionStats,
                       pairs: PairIndex) -> ObjectiveOutput:
-    """L = Σ c L_pref / Σ c + λ Σ c L_bar / Σ c, plus the metrics (detached, 0-dim)."""
-    pref = _weighted_mean(terms.preference, weights)
-    loss = pref
-    barrier = torch.zeros((), dtype=pref.dtype, device=pref.device)
+    """L = Σ c L_pref / Σ c + λ Σ c L_bar / Σ c as (Σ c (L_pref + λ L_bar)) / Σ c, plus the metrics."""
+    normalizer = weights.sum().detach()
+    pref_sum = (weights * terms.preference).sum()
+    loss_sum = pref_sum
+    barrier_sum = torch.zeros_like(pref_sum)
     if terms.barrier is not None:
-        barrier = _weighted_mean(terms.barrier, weights)
-        loss = pref + terms.barrier_weight * barrier
+        barrier_sum = (weights * terms.barrier).sum()
+        loss_sum = pref_sum + terms.barrier_weight * barrier_sum
+    loss = loss_sum / normalizer
     with torch.no_grad():
         chosen = CompletionStats(policy.tensor[pairs.chosen].detach())
+        rejected = CompletionStats(policy.tensor[pairs.rejected].detach())
+        pairs_count = torch.tensor(float(pairs.num_pairs), device=loss.device)
         metrics = {
             "loss": loss.detach(),
-            "loss_pref": pref.detach(),
-            "loss_barrier": barrier.detach(),
+            "loss_pref": pref_sum.detach() / normalizer,
+            "loss_barrier": barrier_sum.detach() / normalizer,
             "reward_chosen": terms.chosen_reward.detach().mean(),
             "reward_rejected": terms.rejected_reward.detach().mean(),
-            "reward_accuracy": (terms.margin.detach() > 0).to(pref.dtype).mean(),
+            "reward_accuracy": (terms.margin.detach() > 0).to(loss.dtype).mean(),
             "margin": terms.margin.detach().mean(),
             "gated_fraction": _safe_div(chosen.gated_count.sum(), chosen.count.sum()),
             "chosen_logp_mean": _safe_div(chosen.logp_sum.sum(), chosen.count.sum()),
+            "rejected_logp_mean": _safe_div(rejected.logp_sum.sum(), rejected.count.sum()),
         }
-    return ObjectiveOutput(loss, metrics)
+        counts = {"loss": normalizer, "loss_pref": normalizer, "loss_barrier": normalizer,
+                  "reward_chosen": pairs_count, "reward_rejected": pairs_count, "reward_accuracy": pairs_count,
+                  "margin": pairs_count, "gated_fraction": chosen.count.sum(),
+                  "chosen_logp_mean": chosen.count.sum(), "rejected_logp_mean": rejected.count.sum()}
+    return ObjectiveOutput(loss, loss_sum, normalizer, metrics, counts)
 
 
 def sft_loss(policy: CompletionStats, targets: torch.Tensor, weights: torch.Tensor,
              config: SftConfig) -> ObjectiveOutput:
-    """Weighted NLL of the completions at rows ``targets`` (T,), example weights ``weights`` (T,)."""
+    """Weighted NLL of the completions at rows ``targets`` (T,), example weights ``weights`` (T,).
+
+    reduction "token": Σ_i c_i Σ_t w_t(−ℓ_t) / Σ_i c_i Σ_t w_t; "sequence": Σ_i c_i s̄_i / Σ_i c_i with
+    s̄_i = Σ_t w_t(−ℓ_t) / Σ_t w_t.
+    """
     rows = CompletionStats(policy.tensor[targets])
     if config.reduction == "token":
-        loss = -(weights * rows.wlogp_sum).sum() / (weights * rows.weight_sum).sum()
+        loss_sum = -(weights * rows.wlogp_sum).sum()
+        normalizer = (weights * rows.weight_sum).sum().detach()
     else:
-        loss = -_weighted_mean(rows.weighted_mean(), weights)
+        loss_sum = -(weights * rows.weighted_mean()).sum()
+        normalizer = weights.sum().detach()
+    loss = loss_sum / normalizer
     with torch.no_grad():
+        tokens = rows.count.detach().sum()
         metrics = {
             "loss": loss.detach(),
             "nll": loss.detach(),
-            "logp_mean": _safe_div(rows.logp_sum.detach().sum(), rows.count.sum()),
-            "tokens": rows.count.detach().sum(),
+            "logp_mean": _safe_div(rows.logp_sum.detach().sum(), tokens),
+            "tokens": tokens,
         }
-    return ObjectiveOutput(loss, metrics)
+        counts = {"loss": normalizer, "nll": normalizer, "logp_mean": tokens, "tokens": None}
+    return ObjectiveOutput(loss, loss_sum, normalizer, metrics, counts)
 
 
 @dataclass(frozen=True)

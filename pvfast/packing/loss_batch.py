@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -234,6 +234,7 @@ class LossBatch:
     pairs: PairIndex | None
     example_weights: torch.Tensor
     kind: str
+    content_key: str | None = field(default=None, compare=False)  # set by pvfast.model.reference.batch_key
 
     @property
     def num_pairs(self) -> int:
@@ -262,7 +263,8 @@ class LossBatch:
     def to(self, device: torch.device | str) -> LossBatch:
         """A copy with the packed row and example weights on ``device``. ``pairs`` stay on the CPU:
         ``compute_objective`` checks their bounds there (a check on a GPU would synchronise) and moves them."""
-        return LossBatch(self.packed.to(device), self.pairs, self.example_weights.to(device), self.kind)
+        return LossBatch(self.packed.to(device), self.pairs, self.example_weights.to(device), self.kind,
+                         self.content_key)
 
 
 def _group_kind(group: CompletionGroup) -> str | None:

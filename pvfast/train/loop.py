@@ -17,6 +17,7 @@ import torch
 from pvfast.config.sections import OptimConfig, RunConfig
 from pvfast.config.serialize import config_differences
 from pvfast.model.forward import lm_head_weight, packed_attention_mask
+from pvfast.model.precision import autocast
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch, epoch_order
 from pvfast.train import distributed as dist
@@ -82,9 +83,88 @@ def lr_multiplier(step: int, total: int, optim: OptimConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _units(batch: LossBatch) -> int:
-    """What the batch's loss is a mean over: pairs (PO) or scored tokens (SFT)."""
-    return batch.num_pairs if batch.kind == "po" else batch.packed.num_scored
+class StepTotals:
+    """One optimizer step's loss and metrics as sums over its micro-batches, then over the ranks.
+
+    The loss is Σ loss_sum / Σ normalizer; a metric that is a mean is Σ (mean · count) / Σ count, a metric
+    without a count is summed. Exact whatever the pack split and the number of ranks.
+    """
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.normalizer = 0.0
+        self.values: dict[str, float] = {}
+        self.counts: dict[str, float | None] = {}
+
+    def add(self, out, loss_sum: float) -> None:
+        self.loss_sum += loss_sum
+        self.normalizer += float(out.normalizer)
+        for name, value in out.metrics.items():
+            count = out.metric_counts.get(name)
+            weight = 1.0 if count is None else float(count)
+            self.values[name] = self.values.get(name, 0.0) + float(value) * weight
+            if count is None:
+                self.counts[name] = None
+            else:
+                self.counts[name] = (self.counts.get(name) or 0.0) + weight
+
+    def reduce(self, ctx) -> dict[str, float]:
+        """Sum over the ranks (one all-reduce), then the step's loss and metric values."""
+        names = sorted(self.values)
+        local = [self.loss_sum, self.normalizer, *(self.values[n] for n in names),
+                 *(self.counts[n] or 0.0 for n in names)]
+        total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device), ctx).tolist()
+        self.loss_sum, self.normalizer = total[0], total[1]
+        values, counts = total[2:2 + len(names)], total[2 + len(names):]
+        out = {name: (value if self.counts[name] is None else value / max(count, 1e-30))
+               for name, value, count in zip(names, values, counts)}
+        out["loss"] = self.loss_sum / self.normalizer
+        return out
+
+
+def accumulate_step(model, local: Sequence[LossBatch], loss_fn: FusedTokenPOLoss,
+                    reference: Callable | None, ctx, autocast_mode: str, step_number: int) -> dict[str, float]:
+    """Forward and backward of one optimizer step's micro-batches on this rank.
+
+    Leaves in every trainable parameter's ``.grad`` the gradient of the step's objective over ALL its
+    micro-batches on ALL ranks, Σ loss_sum / Σ normalizer (:class:`pvfast.objectives.losses.ObjectiveOutput`):
+    the same gradient whatever the pack split and the number of ranks. Returns the step's loss and metrics.
+    Raises NonFiniteLoss (on every rank together) before a non-finite loss reaches the gradients.
+    """
+    inner = dist.unwrap(model)
+    device = ctx.device
+    totals = StepTotals()
+    for k, cpu_batch in enumerate(local):
+        batch = cpu_batch.to(device)
+        mask = packed_attention_mask(inner, batch.packed)  # shared by the reference and policy passes
+        # DDP all-reduces on the last micro-batch of the step only (one sync per optimizer step).
+        sync = contextlib.nullcontext() if k == len(local) - 1 or not hasattr(model, "no_sync") \
+            else model.no_sync()
+        with sync:
+            # Reference and policy under one precision: with LoRA B = 0 they agree to the bit.
+            with autocast(autocast_mode, device):
+                ref = reference(cpu_batch, batch, mask) if reference is not None else None
+                hidden = dist.packed_hidden(model, batch.packed, mask)
+                out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref,
+                              batch.example_weights)
+            loss_sum = out.loss_sum.item()  # one sync per micro-batch: needed to refuse a NaN before it lands
+            finite = math.isfinite(loss_sum)
+            if ctx.world_size > 1:  # all ranks stop together, or the others wait in the next all-reduce
+                finite = dist.all_reduce_mean(torch.tensor(float(finite), device=device), ctx).item() == 1.0
+            if not finite:
+                raise NonFiniteLoss(step_number, cpu_batch.record_ids if not math.isfinite(loss_sum) else (),
+                                    loss_sum)
+            # The step's objective is one ratio over every micro-batch of every rank: backpropagate the sums
+            # now, divide once the step's total normalizer is known (below).
+            out.loss_sum.backward()
+        totals.add(out, loss_sum)
+    sums = totals.reduce(ctx)
+    # DDP averaged the ranks' gradients; times world_size / Σ normalizer gives ∇(Σ loss_sum / Σ normalizer).
+    scale = ctx.world_size / totals.normalizer
+    for param in inner.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale)
+    return sums
 
 
 @dataclass
@@ -99,8 +179,10 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
     """Train ``model``'s trainable (LoRA) weights on ``batches``; checkpoints in ``out_dir``.
 
     ``model`` is the (possibly DDP-wrapped, :func:`pvfast.train.distributed.wrap_model`) peft model;
-    ``reference(batch, mask)`` gives the (M, 7) reference statistics of a batch, None for reference-free
-    objectives.
+    ``reference(cpu_batch, batch, mask)`` gives the (M, 7) reference statistics of a batch (``cpu_batch`` as
+    packed, ``batch`` on the device, the attention mask of both passes), None for reference-free objectives.
+    One optimizer step minimises Σ loss_sum / Σ normalizer over all its micro-batches and ranks
+    (:class:`StepTotals`), so its gradient is that of the objective over all its records, however they split.
     """
     inner = dist.unwrap(model)
     device = ctx.device
@@ -126,10 +208,6 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
         raise BadInput(f"{checkpoint}: saved at epoch {state.epoch}, batch {state.batch_cursor}, which is not the "
                        f"start of step {state.step} of this run's plan (other data or batching settings)")
 
-    # bf16 autocast on GPU only: CPU runs stay in the weights' dtype, bitwise reproducible.
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
     progress = None
     if ctx.is_main:
         from tqdm import tqdm
@@ -143,37 +221,10 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
         if step.epoch not in orders:
             orders = {step.epoch: dist.shard(epoch_order(len(batches), run.seed, step.epoch), ctx)}
         local = [batches[i] for i in orders[step.epoch][step.cursor:step.cursor + step.rounds]]
-        step_units = sum(_units(b) for b in local)
         tick = time.perf_counter()
-        sums: dict[str, float] = {}
-        tokens = pairs = 0
-        for k, cpu_batch in enumerate(local):
-            batch = cpu_batch.to(device)
-            mask = packed_attention_mask(inner, batch.packed)  # shared by the reference and policy passes
-            ref = reference(batch, mask) if reference is not None else None
-            # DDP all-reduces on the last micro-batch of the step only (one sync per optimizer step).
-            sync = contextlib.nullcontext() if k == len(local) - 1 or not hasattr(model, "no_sync") \
-                else model.no_sync()
-            with sync:
-                with autocast():
-                    hidden = dist.packed_hidden(model, batch.packed, mask)
-                    out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref,
-                                  batch.example_weights)
-                loss_value = out.loss.item()  # one sync per micro-batch: needed to refuse a NaN before it lands
-                finite = math.isfinite(loss_value)
-                if ctx.world_size > 1:  # all ranks stop together, or the others wait in the next all-reduce
-                    finite = dist.all_reduce_mean(torch.tensor(float(finite), device=device), ctx).item() == 1.0
-                if not finite:
-                    raise NonFiniteLoss(state.step + 1, cpu_batch.record_ids if not math.isfinite(loss_value)
-                                        else (), loss_value)
-                # Each micro-batch's loss is a mean over its units; weight it so the step's gradient is
-                # that of the mean over all units of the step.
-                (out.loss * (_units(cpu_batch) / step_units)).backward()
-            share = _units(cpu_batch) / step_units
-            for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * share
-            tokens += cpu_batch.packed.tree_tokens
-            pairs += cpu_batch.num_pairs
+        sums = accumulate_step(model, local, loss_fn, reference, ctx, run.autocast, state.step + 1)
+        tokens = sum(b.packed.tree_tokens for b in local)
+        pairs = sum(b.num_pairs for b in local)
         grad_norm = None
         if optim.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
@@ -189,10 +240,6 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
             state.epoch, state.batch_cursor = plan[state.step].epoch, plan[state.step].cursor
         else:
             state.epoch, state.batch_cursor = optim.epochs, 0
-        if ctx.world_size > 1:  # log the mean over ranks of each metric
-            keys = sorted(sums)
-            reduced = dist.all_reduce_mean(torch.tensor([sums[k] for k in keys], device=device), ctx)
-            sums = dict(zip(keys, reduced.tolist()))
         record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums, "micro_batches": len(local),
                   "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
                   "tokens_per_s": tokens * ctx.world_size / elapsed, "pairs_per_s": pairs * ctx.world_size / elapsed,
