@@ -248,7 +248,7 @@ def config_str(entry: dict) -> str:
     cx, opt = entry["cx"], entry["launch"].options
     keep = [f"{k.removeprefix('BLOCK_')}{v}" for k, v in cx.items() if k.startswith("BLOCK")]
     keep += [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cx.items()
-             if k in ("MODE", "SCALED", "FIRST", "FINAL", "STORE_SCALES", "HAS_SEGMENTS", "SOFTCAP")]
+             if k in ("MODE", "SCALED", "FINALIZE", "FIRST", "FINAL", "STORE_SCALES", "HAS_SEGMENTS", "SOFTCAP")]
     return " ".join(keep + [f"w{opt.get('num_warps')}", f"s{opt.get('num_stages')}"])
 
 

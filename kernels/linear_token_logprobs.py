@@ -21,10 +21,10 @@ chip for its whole K loop and reads its operands with grouped (L2-friendly) prog
      (fused: ℓ never makes a round trip through memory before it is reduced).
   B  ``_linear_prob_matmul_kernel``: acc (N × H, fp32) = α·acc + (β ⊙ P) · W[chunk] — a GEMM with K = C:
      the BLOCK_N × BLOCK_OUT accumulator stays on chip across the chunk; acc is read and written once per
-     chunk (MODE 1: the softmax-weighted Σ_v p_v s_v W_v; MODE 2: grad_hidden, unscaled).
+     chunk (MODE 1: the softmax-weighted Σ_v p_v s_v W_v; MODE 2: grad_hidden, unscaled). In MODE 1 the last
+     chunk's epilogue writes dℓ/dh = s_y W[y] − acc / S in place of acc (FINALIZE).
   C  ``_linear_weight_grad_kernel`` (MODE 2, trainable weight only): grad_W[chunk] = Pᵀ · h, a GEMM
      with K = N, written once in the weight's dtype (no fp32 V×H buffer, no atomics).
-  ``_linear_direction_kernel`` (MODE 1): dℓ/dh = s_y W[y] − acc / S, in place over acc.
 
 Why not one kernel with the whole accumulator on chip: the gradient-in-forward needs Σ_v p_v W_v, a
 BLOCK_N × H fp32 tile per token tile — 1 MiB at BLOCK_N = 64, H = 4096, four times an H100 SM's shared
@@ -64,11 +64,10 @@ from pvfast.objectives.stats import IGNORE_INDEX, NUM_STATS
 # Programs in flight when the GPU is unknown (meta tensors in the compile check): an H100/H200's SM count.
 DEFAULT_SMS = 132
 MODE_LSE, MODE_PROBS, MODE_DLOGITS = 0, 1, 2
-# The combine and direction kernels are elementwise over (rows × partials) and (rows × H) tiles: small tiles
-# keep their int64 pointer arithmetic and fp32 temporaries in registers (no spills at 4 warps on sm_90).
+# The combine kernel is elementwise over (rows × partials) tiles: small tiles keep its int64 pointer
+# arithmetic and fp32 temporaries in registers (no spills at 4 warps on sm_90).
 COMBINE_BLOCK_N = 32
 COMBINE_BLOCK_P = 32
-DIRECTION_BLOCK_N = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,13 +288,16 @@ def _linear_combine_kernel(
 
 @triton.jit
 def _linear_prob_matmul_kernel(
-        P_ptr, W_ptr, Targets_ptr, Alpha_ptr, Scale_ptr, Acc_ptr, N, V, HID, v_begin, chunk_cols,
-        stride_pn, stride_wv, stride_sn, stride_sp, stride_an,
-        SCALED: tl.constexpr, IGNORE_INDEX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        P_ptr, W_ptr, Targets_ptr, Alpha_ptr, Scale_ptr, Acc_ptr, TargetLogit_ptr, StateS_ptr, N, V, HID, v_begin,
+        chunk_cols, stride_pn, stride_wv, stride_sn, stride_sp, stride_an, softcap,
+        SCALED: tl.constexpr, FINALIZE: tl.constexpr, SOFTCAP: tl.constexpr, IGNORE_INDEX: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, PART_COLS: tl.constexpr,
         GROUP: tl.constexpr):
     # SCALED: acc[n, h] = α_n · acc[n, h] + Σ_k β[n, k // PART_COLS] · P[n, k] · W[v_begin + k, h]
     # else:   acc[n, h] += Σ_k P[n, k] · W[v_begin + k, h]
+    # FINALIZE (last chunk of the gradient-in-forward): store dℓ_n/dh = s_y · W[y_n, h] − acc[n, h] / S_n instead
+    # (s_y = dz'/dz at the target; 0 for ignored rows, NaN for out-of-range targets).
     # The BLOCK_N × BLOCK_OUT fp32 tile accumulates on chip over the whole chunk (K = chunk columns);
     # acc in global memory is read and written once per chunk. Dead rows (no live target) add nothing.
     pid_n, pid_h = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(HID, BLOCK_OUT), GROUP)
@@ -327,7 +329,16 @@ def _linear_prob_matmul_kernel(
     if SCALED:
         alpha = tl.load(Alpha_ptr + offs_n, mask=in_range, other=0.0)
         old = old * alpha[:, None]
-    tl.store(acc_ptrs, old + acc, mask=acc_mask)
+    acc = old + acc
+    if FINALIZE:
+        s = tl.load(StateS_ptr + offs_n, mask=live, other=1.0)
+        target_logit = tl.load(TargetLogit_ptr + offs_n, mask=live, other=0.0)
+        slope = _softcap_slope(target_logit, softcap, SOFTCAP)
+        w_y = tl.load(W_ptr + tl.where(live, targets, 0).to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
+                      mask=live[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
+        acc = tl.where(live[:, None], slope[:, None] * w_y - acc / s[:, None], 0.0)
+        acc = tl.where(bad[:, None], float("nan"), acc)
+    tl.store(acc_ptrs, acc, mask=acc_mask)
 
 
 @triton.jit
@@ -356,32 +367,6 @@ def _linear_weight_grad_kernel(
         acc = tl.dot(tl.trans(p), h, acc, input_precision=DOT_PRECISION)
     out = GradW_ptr + (v_begin + offs_c).to(tl.int64)[:, None] * stride_gwv + offs_h[None, :]
     tl.store(out, acc.to(GradW_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_h[None, :])
-
-
-@triton.jit
-def _linear_direction_kernel(
-        Acc_ptr, W_ptr, Targets_ptr, TargetLogit_ptr, StateS_ptr, N, V, HID, stride_an, stride_wv, softcap,
-        SOFTCAP: tl.constexpr, IGNORE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr):
-    # dℓ_t/dh_t = s_y · W[y_t] − acc_t / S_t   (acc_t = Σ_v e^(z'_v − M_t) s_v W_v, s = dz'/dz), in place;
-    # 0 for ignored rows, NaN for out-of-range targets.
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    in_range = offs_n < N
-    mask_h = offs_h < HID
-    targets, live, bad = _active_rows(Targets_ptr, offs_n, N, V, IGNORE_INDEX)
-    ptrs = Acc_ptr + offs_n[:, None] * stride_an + offs_h[None, :]
-    mask = in_range[:, None] & mask_h[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    s = tl.load(StateS_ptr + offs_n, mask=live, other=1.0)
-    target_logit = tl.load(TargetLogit_ptr + offs_n, mask=live, other=0.0)
-    slope = _softcap_slope(target_logit, softcap, SOFTCAP)
-    w_y = tl.load(W_ptr + tl.where(live, targets, 0).to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
-                  mask=live[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-    direction = tl.where(live[:, None], slope[:, None] * w_y - acc / s[:, None], 0.0)
-    direction = tl.where(bad[:, None], float("nan"), direction)
-    tl.store(ptrs, direction, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,25 +476,22 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             num_segments=num_segments, log_tau=float(log_tau), FIRST=index == 0, STORE_SCALES=with_grad,
             FINAL=final, HAS_SEGMENTS=has_segments, IGNORE_INDEX=ignore_index, BLOCK_N=COMBINE_BLOCK_N,
             BLOCK_P=COMBINE_BLOCK_P, num_warps=4)
-        if with_grad:
+        if with_grad:  # the last chunk's GEMM also turns the accumulator into dℓ/dh (FINALIZE)
             _prob_matmul(probs, weight, targets, alpha, part_m, direction, begin, cols, ignore_index, cfg, opts,
-                         scaled=True)
-    if with_grad:
-        _linear_direction_kernel[(triton.cdiv(n, DIRECTION_BLOCK_N), triton.cdiv(hid, cfg.block_out))](
-            Acc_ptr=direction, W_ptr=weight, Targets_ptr=targets, TargetLogit_ptr=target_logit, StateS_ptr=state_s,
-            N=n, V=v, HID=hid, stride_an=direction.stride(0), stride_wv=weight.stride(0), softcap=cap,
-            SOFTCAP=cap > 0, IGNORE_INDEX=ignore_index, BLOCK_N=DIRECTION_BLOCK_N, BLOCK_OUT=cfg.block_out,
-            num_warps=4)
+                         scaled=True, finalize=final, target_logit=target_logit, state_s=state_s, softcap=cap)
     return logp, lse, stats, direction
 
 
-def _prob_matmul(probs, weight, targets, alpha, scale, acc, begin, cols, ignore_index, cfg, opts, scaled):
+def _prob_matmul(probs, weight, targets, alpha, scale, acc, begin, cols, ignore_index, cfg, opts, scaled,
+                 finalize=False, target_logit=None, state_s=None, softcap=0.0):
     n, hid = acc.shape
     _linear_prob_matmul_kernel[(triton.cdiv(n, cfg.block_m) * triton.cdiv(hid, cfg.block_out),)](
-        P_ptr=probs, W_ptr=weight, Targets_ptr=targets, Alpha_ptr=alpha, Scale_ptr=scale, Acc_ptr=acc, N=n,
-        V=weight.shape[0], HID=hid, v_begin=begin, chunk_cols=cols, stride_pn=probs.stride(0),
-        stride_wv=weight.stride(0), stride_sn=scale.stride(0), stride_sp=scale.stride(1),
-        stride_an=acc.stride(0), SCALED=scaled, IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_m,
+        P_ptr=probs, W_ptr=weight, Targets_ptr=targets, Alpha_ptr=alpha, Scale_ptr=scale, Acc_ptr=acc,
+        TargetLogit_ptr=alpha if target_logit is None else target_logit,
+        StateS_ptr=alpha if state_s is None else state_s, N=n, V=weight.shape[0], HID=hid, v_begin=begin,
+        chunk_cols=cols, stride_pn=probs.stride(0), stride_wv=weight.stride(0), stride_sn=scale.stride(0),
+        stride_sp=scale.stride(1), stride_an=acc.stride(0), softcap=float(softcap), SCALED=scaled,
+        FINALIZE=finalize, SOFTCAP=softcap > 0, IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_m,
         BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out, PART_COLS=cfg.block_v, GROUP=cfg.group, **opts)
 
 
