@@ -29,6 +29,8 @@ stale), and every backend's forward and backward is tested against :func:`segmen
 
 from __future__ import annotations
 
+import builtins
+
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +76,8 @@ DIFFERENTIABLE_COLUMNS = tuple(i for i, c in enumerate(STAT_COLUMNS) if c.dlogp 
 
 def _evaluate(expr: str, like: torch.Tensor, **names: torch.Tensor) -> torch.Tensor:
     """An expression of STAT_COLUMNS on tensors (a literal becomes a tensor shaped like ``like``)."""
-    value = eval(compile(expr, "<stats contract>", "eval"), {"__builtins__": {}}, names)  # noqa: S307
+    # Real builtins: torch's tensor operators may import lazily on first use (an empty __builtins__ broke that).
+    value = eval(compile(expr, "<stats contract>", "eval"), {"__builtins__": builtins}, names)  # noqa: S307
     return torch.broadcast_to(torch.as_tensor(value, dtype=like.dtype, device=like.device), like.shape)
 
 
