@@ -30,7 +30,6 @@ stale), and every backend's forward and backward is tested against :func:`segmen
 from __future__ import annotations
 
 import builtins
-
 from dataclasses import dataclass
 
 import torch
