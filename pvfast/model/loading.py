@@ -229,7 +229,9 @@ def add_lora(model, cfg: ModelConfig):
     try:
         return get_peft_model(model, lora)
     except ValueError as err:  # e.g. target modules not in the model
-        raise ModelLoadError(f"model.lora_targets {list(cfg.lora_targets)}: {err}") from err
+        targets = list(cfg.lora_targets)
+        shown = targets if len(targets) <= 8 else [*targets[:8], f"... {len(targets) - 8} more"]
+        raise ModelLoadError(f"model.lora_targets {shown}: {str(err)[:500]}") from err
 
 
 def load_model(cfg: ModelConfig, device: torch.device, source: str | None = None):
