@@ -15,6 +15,7 @@ Providers (all compute ℓ_t = log softmax(h_t Wᵀ)[y_t] and its gradient w.r.t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -64,15 +65,25 @@ def _logprob_fn(provider: str):
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
+@functools.lru_cache(maxsize=2)
+def _inputs(device: str, dtype_name: str, n: int, h_dim: int, v: int, seed: int):
+    """(hidden, weight, targets, upstream), drawn on the device itself (a 128k × 4096 weight drawn on a CPU and
+    copied takes seconds per case) and shared by the cases of one shape (every provider sees the same inputs)."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = (torch.randn(n, h_dim, generator=gen, device=device) / h_dim ** 0.25).to(dtype)
+    weight = (torch.randn(v, h_dim, generator=gen, device=device) / h_dim ** 0.25).to(dtype)  # frozen lm_head
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    upstream = torch.rand(n, generator=gen, device=device)  # not all ones, like a real weighted loss
+    return hidden, weight, targets, upstream
+
+
 def build_case(spec: dict, split_backward: bool = False):
     device = spec.get("device", "cpu")
-    dtype = DTYPES[spec.get("dtype", "fp32")]
     n, h_dim, v = int(spec["N"]), int(spec["H"]), int(spec["V"])
-    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-    hidden = (torch.randn(n, h_dim, generator=gen) / h_dim ** 0.25).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(v, h_dim, generator=gen) / h_dim ** 0.25).to(device, dtype)  # frozen lm_head (LoRA)
-    targets = torch.randint(0, v, (n,), generator=gen).to(device)
-    upstream = torch.rand(n, generator=gen).to(device)  # not all ones, like a real weighted loss
+    hidden, weight, targets, upstream = _inputs(device, spec.get("dtype", "fp32"), n, h_dim, v,
+                                                int(spec.get("seed", 0)))
+    hidden = hidden.detach().requires_grad_(True)  # a fresh leaf per case: gradients never accumulate across cases
     fn = _logprob_fn(spec["provider"])
     mode = spec.get("mode", "forward+backward")
 

@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", help="compute capability (repeatable); default 90 and 80")
     ap.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default bf16)")
-    ap.add_argument("--sm80", default=r"_linear_logits_kernel",
-                    help="regex of the kernels compiled for archs other than 90 (default: the logits GEMM; '.' = all)")
+    ap.add_argument("--sm80", default=r"_linear_(logits|prob_matmul|weight_grad)_kernel",
+                    help="regex of the kernels compiled for archs other than 90 (default: the three GEMMs; '.' = all)")
     ap.add_argument("--only", default="", help="regex: compile only the kernels it matches")
     ap.add_argument("--json", default="", help="write the rows to this file")
     args = ap.parse_args(argv)

@@ -103,7 +103,7 @@ class LinearConfig:
 
 
 # fp32 inputs without tensor cores: smaller tiles keep the FMA loops within the register file.
-FP32_CONFIG = LinearConfig(block_n=64, block_v=64, block_h=32, block_m=64, block_k=32, block_out=64, num_warps=4,
+FP32_CONFIG = LinearConfig(block_n=32, block_v=64, block_h=32, block_m=64, block_k=32, block_out=64, num_warps=4,
                            num_stages=2)
 DEFAULT_CONFIG = LinearConfig()
 
@@ -485,14 +485,17 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 def _prob_matmul(probs, weight, targets, alpha, scale, acc, begin, cols, ignore_index, cfg, opts, scaled,
                  finalize=False, target_logit=None, state_s=None, softcap=0.0):
     n, hid = acc.shape
-    _linear_prob_matmul_kernel[(triton.cdiv(n, cfg.block_m) * triton.cdiv(hid, cfg.block_out),)](
+    # The finalising epilogue holds W[y] beside the accumulator: half-width tiles keep it in registers (the
+    # full 128 × 128 tile spills on sm_80); it runs for the last chunk only.
+    block_out = max(16, cfg.block_out // 2) if finalize else cfg.block_out
+    _linear_prob_matmul_kernel[(triton.cdiv(n, cfg.block_m) * triton.cdiv(hid, block_out),)](
         P_ptr=probs, W_ptr=weight, Targets_ptr=targets, Alpha_ptr=alpha, Scale_ptr=scale, Acc_ptr=acc,
         TargetLogit_ptr=alpha if target_logit is None else target_logit,
         StateS_ptr=alpha if state_s is None else state_s, N=n, V=weight.shape[0], HID=hid, v_begin=begin,
         chunk_cols=cols, stride_pn=probs.stride(0), stride_wv=weight.stride(0), stride_sn=scale.stride(0),
         stride_sp=scale.stride(1), stride_an=acc.stride(0), softcap=float(softcap), SCALED=scaled,
         FINALIZE=finalize, SOFTCAP=softcap > 0, IGNORE_INDEX=ignore_index, BLOCK_N=cfg.block_m,
-        BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out, PART_COLS=cfg.block_v, GROUP=cfg.group, **opts)
+        BLOCK_K=cfg.block_k, BLOCK_OUT=block_out, PART_COLS=cfg.block_v, GROUP=cfg.group, **opts)
 
 
 def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
