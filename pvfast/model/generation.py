@@ -37,6 +37,7 @@ Prediction files (``{"id", "output"}`` JSONL) are read and written by :mod:`pvfa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -222,6 +223,7 @@ def _greedy_batch(runner, prompts: Sequence[list[int]], max_new_tokens: int, sto
     logits = runner.start(prompts, max_new_tokens)
     active = list(range(len(rows)))  # rows still generating, in the runner's batch order
     tail = len(stop_text) + 2  # tokens decoded to look for the stop text (every token is >= 1 character)
+    may_end = _tokens_with_char(tokenizer, stop_text[-1]) if stop_text else frozenset()
     for step in range(max_new_tokens):
         remaining = max_new_tokens - step
         if constraints is None:
@@ -239,8 +241,9 @@ def _greedy_batch(runner, prompts: Sequence[list[int]], max_new_tokens: int, sto
                 constraints[r].advance(token)
                 row.stopped = constraints[r].done
             else:
+                # the text can only now end with the stop text if this token holds its last character
                 row.stopped = token in stop_ids or (
-                    bool(stop_text) and stop_text in tokenizer.decode(row.tokens[-tail:]))
+                    token in may_end and stop_text in tokenizer.decode(row.tokens[-tail:]))
             if not row.stopped:
                 still.append(k)
         if not still or step == max_new_tokens - 1:
@@ -256,6 +259,17 @@ def _greedy_batch(runner, prompts: Sequence[list[int]], max_new_tokens: int, sto
             end = next((k for k, t in enumerate(row.tokens) if t in stop_ids), len(row.tokens))
             row.text = truncate_at_stop_text(tokenizer.decode(row.tokens[:end], skip_special_tokens=True), stop_text)
     return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _tokens_with_char(tokenizer, char: str) -> frozenset[int]:
+    """Ids of the tokens whose text contains ``char`` (or that decode to no fixed text on their own)."""
+    found = set()
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if char in text or "\ufffd" in text:
+            found.add(i)
+    return frozenset(found)
 
 
 def generate(
