@@ -32,7 +32,6 @@ from pvfast.data.synth import default_corpus
 from pvfast.data.tokenization import TokenizedPairGroup, tokenize_pair_group
 from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
 from pvfast.model.reference import reference_stats
-from pvfast.objectives.config import TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss, causal_lm_rows
 from pvfast.packing.loss_batch import LossBatch, make_loss_batches, preference_groups
 from pvfast.packing.padded import collate_pair_groups
@@ -94,7 +93,7 @@ def count_layout_tokens(records: Sequence[PreferenceRecord], tokenizer, token_bu
     Raises AssertionError if a packed row's ``tree_tokens`` differs from :func:`distinct_prefix_tokens`
     of its sequences, or if its rows break the budget.
     """
-    groups = preference_groups(records, tokenizer, TokenWeightConfig(), token_budget=token_budget)
+    groups = preference_groups(records, tokenizer, token_budget=token_budget)
     batches = make_loss_batches(groups, token_budget, "po")
     published = 0
     prompt_lengths, completion_lengths = [], []
@@ -105,7 +104,7 @@ def count_layout_tokens(records: Sequence[PreferenceRecord], tokenizer, token_bu
     tree = 0
     for batch in batches:
         packed = batch.packed
-        members = sorted({item for item, _ in packed.completion_ids})
+        members = sorted({item for item, _ in packed.completion_sources})
         expected = distinct_prefix_tokens([s for i in members for s in groups[i].sequences()])  # items index groups
         assert packed.tree_tokens == expected, (packed.tree_tokens, expected)
         assert packed.num_tokens <= token_budget
@@ -154,8 +153,7 @@ class StepCase:
                 mask = packed_attention_mask(self.model, batch.packed)
                 ref = reference_stats(self.model, batch, self.loss_fn, mask)
                 hidden = packed_forward(self.model, batch.packed, mask)
-                out = self.loss_fn(batch.scoring_rows(hidden), lm_head_weight(self.model), batch.pairs, ref,
-                                   batch.example_weights.to(device))
+                out = self.loss_fn(batch.scoring_rows(hidden), lm_head_weight(self.model), batch.pairs, ref)
             share = batch.num_pairs / self.num_pairs  # the row's loss is a mean over its pairs
             (out.loss * share).backward()
             total += out.loss.item() * share
@@ -170,17 +168,17 @@ class StepCase:
         for group in self.pair_groups:
             padded = collate_pair_groups([group], self.pad_id)
             ids, attn = padded.input_ids.to(device), padded.attention_mask.to(device)
-            labels, weights = padded.labels.to(device), padded.token_weights.to(device)
+            labels = padded.labels.to(device)
+            roles, diff = padded.token_roles.to(device), padded.token_diff.to(device)
             with self._autocast():
                 with torch.no_grad(), self.model.disable_adapter():
                     was_training = self.model.training
                     self.model.eval()  # as reference_stats: no dropout in the reference
                     ref_hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-                    ref = self.loss_fn.statistics(causal_lm_rows(ref_hidden, labels, weights), head)
+                    ref = self.loss_fn.statistics(causal_lm_rows(ref_hidden, labels, roles, diff), head)
                     self.model.train(was_training)
                 hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-                out = self.loss_fn(causal_lm_rows(hidden, labels, weights), head, padded.pairs, ref,
-                                   padded.example_weights.to(device))
+                out = self.loss_fn(causal_lm_rows(hidden, labels, roles, diff), head, padded.pairs, ref)
             (out.loss / self.num_pairs).backward()
             total += out.loss.item() / self.num_pairs
         self.model.zero_grad(set_to_none=True)
@@ -189,11 +187,10 @@ class StepCase:
 
 def per_pair_groups(records: Sequence[PreferenceRecord], tokenizer) -> list[TokenizedPairGroup]:
     """One tokenized group per pair (chosen + one rejected), so a padded batch holds exactly one pair."""
-    weight_cfg = TokenWeightConfig()
     groups = []
     for record in records:
         prompt = build_prompt(tokenizer, record.direction, record.message)
-        groups += [tokenize_pair_group(tokenizer, prompt, record.chosen, [rejected], weight_cfg)
+        groups += [tokenize_pair_group(tokenizer, prompt, record.chosen, [rejected])
                    for rejected in record.rejected]
     return groups
 
@@ -201,7 +198,7 @@ def per_pair_groups(records: Sequence[PreferenceRecord], tokenizer) -> list[Toke
 def build_step_case(model, tokenizer, records: Sequence[PreferenceRecord], token_budget: int,
                     impl: str = "auto", autocast_dtype: torch.dtype | None = None) -> StepCase:
     """A :class:`StepCase` of ``records`` on ``model`` (a peft LoRA causal LM) in train mode."""
-    groups = preference_groups(records, tokenizer, TokenWeightConfig(), token_budget=token_budget)
+    groups = preference_groups(records, tokenizer, token_budget=token_budget)
     batches = make_loss_batches(groups, token_budget, "po")
     model.train()
     return StepCase(model=model, loss_fn=FusedTokenPOLoss("tabpo", impl=impl), batches=batches,

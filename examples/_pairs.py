@@ -8,7 +8,6 @@ from pvfast.data.pairs import ConfusionTable, make_preference_records
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
-from pvfast.objectives.config import TokenWeightConfig
 
 # A short user template keeps the CPU examples quick; real runs use pvfast's full instruction (the default).
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nINPUT: TO_PAT_YN: {direction}\nContext: {message}"
@@ -22,4 +21,4 @@ def pair_groups(tokenizer, n_examples: int = 2, seed: int = 0, template: PromptT
     records = make_preference_records(examples, ConfusionTable.empty(CODES), ConfusionTable.empty(SUBCODES),
                                       PairConfig(seed=seed))
     return [tokenize_pair_group(tokenizer, build_prompt(tokenizer, r.direction, r.message, template), r.chosen,
-                                r.rejected, TokenWeightConfig()) for r in records]
+                                r.rejected) for r in records]

@@ -42,13 +42,13 @@ def train(steps: int = 10, lr: float = 5e-3, arch: str = "llama", seed: int = 0)
 
     # The reference never changes: score it once (the same network, adapters off, no graph).
     with torch.no_grad(), model.disable_adapter():
-        ref_stats = loss_fn.statistics(causal_lm_rows(final_hidden(model, batch), batch.labels, batch.token_weights),
-                                       lm_head)
+        ref_stats = loss_fn.statistics(causal_lm_rows(final_hidden(model, batch), batch.labels, batch.token_roles,
+                                                      batch.token_diff), lm_head)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     history = []
     for step in range(steps):
-        rows = causal_lm_rows(final_hidden(model, batch), batch.labels, batch.token_weights)
+        rows = causal_lm_rows(final_hidden(model, batch), batch.labels, batch.token_roles, batch.token_diff)
         out = loss_fn(rows, lm_head, pairs=batch.pairs, ref_stats=ref_stats)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

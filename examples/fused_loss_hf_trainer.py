@@ -40,14 +40,14 @@ class FusedPOTrainer(Trainer):
 
         def rows():
             hidden = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            return causal_lm_rows(hidden, batch.labels, batch.token_weights)
+            return causal_lm_rows(hidden, batch.labels, batch.token_roles, batch.token_diff)
 
         ref_stats = None
         if self.po_loss.needs_reference:
             with torch.no_grad(), model.disable_adapter():
                 ref_stats = self.po_loss.statistics(rows(), base.lm_head.weight)
         out = self.po_loss(rows(), base.lm_head.weight, pairs=batch.pairs, ref_stats=ref_stats,
-                           example_weights=batch.example_weights)
+                           example_weights=batch.example_weights)  # None unless collate was given weights
         self.last_metrics = {k: float(v) for k, v in out.metrics.items()}
         return (out.loss, out) if return_outputs else out.loss
 

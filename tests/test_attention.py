@@ -159,7 +159,7 @@ def test_tree_logprobs_and_lora_gradients_equal_dense_mask_path(arch):
         mask = packed_attention_mask(model, batch)
         assert isinstance(mask, TreeAttentionPlan) == (attn == TREE_ATTENTION)
         logp = packed_token_logprobs(model, batch, mask)
-        sign = torch.tensor([1.0 if j == 0 else -0.5 for _, j in batch.completion_ids])[batch.score_segments]
+        sign = torch.tensor([1.0 if j == 0 else -0.5 for _, j in batch.completion_sources])[batch.score_segments]
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         results[attn] = (logp.detach(), torch.autograd.grad((sign * logp).sum(), params))
         if attn == TREE_ATTENTION:

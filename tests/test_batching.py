@@ -2,21 +2,23 @@
 
 The exactness tests run the tiny Llama with LoRA (B matrices randomised so policy ≠ reference). The
 reference is the released code's layout: every (chosen, rejected_j) pair as two separate padded
-sequences, with that pair's chosen weights; full logits → float64 log_softmax → gather →
-``stats_from_padded`` → ``compute_objective``.
+sequences, with that pair's chosen diff flags and the SPEC §2 weights written out here by hand; full
+logits → float64 log_softmax → gather → ``stats_from_padded`` → ``compute_objective``.
 """
 
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import PreferenceRecord
+from pvfast.data.roles import ROLE_CODE, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 from pvfast.data.synth import generate_corpus
-from pvfast.data.tokenization import token_weights, tokenize_completion, tokenize_pair_group
+from pvfast.data.tokenization import tokenize_completion, tokenize_pair_group
 from pvfast.model.forward import lm_head_weight, packed_forward
 from pvfast.model.reference import reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
@@ -39,7 +41,6 @@ from pvfast.testing import activate_lora, load_tiny_model
 # Exactness does not depend on the prompt's length; a short template keeps the forwards fast.
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nTO_PAT_YN: {direction}\n{message}\nOUTPUT:",
                                 source="test template")
-WEIGHTS = TokenWeightConfig()
 BUDGET = 4096
 
 
@@ -54,12 +55,19 @@ def _rejected_texts(annotations, k):
     return [serialize(anns[:-1]), serialize([short] + anns[1:]), serialize(anns[1:])][:k]
 
 
-def _records(k, n=2, weights=None, seed=3):
-    records = []
-    for i, ex in enumerate(_examples(n, seed)):
-        records.append(PreferenceRecord(ex.id, serialize(ex.annotations), tuple(_rejected_texts(ex.annotations, k)),
-                                        ex.direction, ex.message, weight=1.0 if weights is None else weights[i]))
-    return records
+def _records(k, n=2, seed=3):
+    return [PreferenceRecord(ex.id, serialize(ex.annotations), tuple(_rejected_texts(ex.annotations, k)),
+                             ex.direction, ex.message) for ex in _examples(n, seed)]
+
+
+def _spec_weights(roles, diff, config):
+    """SPEC §2 by hand: w = max(w_scaffold, w_role), times w_diff where the token differs; 1 with TW off."""
+    if not config.token_weighting:
+        return [1.0] * len(roles)
+    cfg = config.token_weights
+    by_role = {ROLE_SCAFFOLD: cfg.w_scaffold, ROLE_CODE: max(cfg.w_scaffold, cfg.w_code),
+               ROLE_SUBCODE: max(cfg.w_scaffold, cfg.w_subcode), ROLE_SPAN: max(cfg.w_scaffold, cfg.w_span)}
+    return [by_role[int(r)] * (cfg.w_diff if d else 1.0) for r, d in zip(roles, diff)]
 
 
 @pytest.fixture(scope="module")
@@ -75,42 +83,41 @@ def model():
 # ---------------------------------------------------------------- float64 unshared reference
 
 
-def _pair_rows(tokenizer, records, weight_cfg=WEIGHTS, union=False):
-    """Rows [chosen for pair 1, rejected 1, chosen for pair 2, ...] as (ids, n_prompt, completion weights),
-    straight from tokenize_pair_group; ``union``: the chosen carries its union weights in every pair."""
+def _pair_rows(tokenizer, records, record_weights=None, union=False):
+    """Rows [chosen for pair 1, rejected 1, chosen for pair 2, ...] as (ids, n_prompt, roles, diff), straight
+    from tokenize_pair_group; ``union``: the chosen carries the union of its diff masks in every pair."""
     rows, example_weights = [], []
     for record in records:
         prompt = build_prompt(tokenizer, record.direction, record.message, SHORT_TEMPLATE)
-        group = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected, weight_cfg)
+        group = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected)
+        union_mask = np.logical_or.reduce(group.chosen_diff_masks)
         for j, rejected in enumerate(group.rejected):
-            chosen_w = group.chosen.weights if union else group.chosen_pair_weights[j]
-            rows.append((group.chosen.input_ids, len(group.prompt_ids), chosen_w))
-            rows.append((rejected.input_ids, len(rejected.prompt_ids), rejected.weights))
-            example_weights.append(record.weight)
+            chosen_diff = union_mask if union else group.chosen_diff_masks[j]
+            rows.append((group.chosen.input_ids, len(group.prompt_ids), group.chosen.roles, chosen_diff))
+            rows.append((rejected.input_ids, len(rejected.prompt_ids), rejected.roles, group.rejected_diff_masks[j]))
+            example_weights.append(1.0 if record_weights is None else record_weights[record.id])
     return rows, torch.tensor(example_weights, dtype=torch.float64)
 
 
 def _padded_stats(model, rows, config):
     """(B, 7) float64 statistics of each row run alone (right padding, default causal mask)."""
-    length = max(len(ids) for ids, _, _ in rows)
+    length = max(len(ids) for ids, *_ in rows)
     input_ids = torch.zeros((len(rows), length), dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.bool)
     weights = torch.zeros((len(rows), length), dtype=torch.float64)
-    for b, (ids, n_prompt, w) in enumerate(rows):
+    for b, (ids, n_prompt, roles, diff) in enumerate(rows):
         n = len(ids)
         input_ids[b, :n] = torch.as_tensor(ids)
         attention[b, :n] = 1
         # position t predicts token t+1: the completion tokens are predicted at n_prompt-1 .. n-2
         targets[b, n_prompt - 1: n - 1] = torch.as_tensor(ids[n_prompt:])
         mask[b, n_prompt - 1: n - 1] = True
-        weights[b, n_prompt - 1: n - 1] = torch.as_tensor(w, dtype=torch.float64)
-    if not config.token_weighting:
-        weights = torch.ones_like(weights)
+        weights[b, n_prompt - 1: n - 1] = torch.as_tensor(_spec_weights(roles, diff, config), dtype=torch.float64)
     logits = model(input_ids=input_ids, attention_mask=attention).logits.double()
     logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-    return stats_from_padded(logp, weights, mask, getattr(config, "tau", 1.0))
+    return stats_from_padded(logp, weights, mask, config.gate_tau)
 
 
 def _unshared_objective(model, rows, example_weights, objective, config, pairs):
@@ -125,7 +132,7 @@ def _unshared_objective(model, rows, example_weights, objective, config, pairs):
 def _tree_objective(model, batch: LossBatch, loss_fn: FusedTokenPOLoss):
     ref = reference_stats(model, batch, loss_fn) if loss_fn.needs_reference else None
     rows = batch.scoring_rows(packed_forward(model, batch.packed))
-    return loss_fn(rows, lm_head_weight(model), batch.pairs, ref, batch.example_weights)
+    return loss_fn(rows, lm_head_weight(model), batch.pairs, ref)
 
 
 def _lora_grads(model, loss):
@@ -148,7 +155,7 @@ def _assert_same(model, tree_out, ref_out):
 
 PO_CASES = {
     "tabpo-k1": (1, "tabpo", TabpoConfig(), None),
-    # class balance on: the record weights must reach every pair of their record
+    # class balance on: a record's weight must reach every pair of that record
     "tabpo-k3-cb": (3, "tabpo", TabpoConfig(class_balance=ClassBalanceConfig(enabled=True)), [0.4, 1.6]),
     "dpo-k3": (3, "dpo", DpoConfig(), None),
 }
@@ -157,14 +164,15 @@ PO_CASES = {
 @pytest.mark.parametrize("case", list(PO_CASES))
 def test_tree_packed_po_loss_and_lora_grads_equal_unshared_float64(tokenizer, model, case):
     k, objective, config, record_weights = PO_CASES[case]
-    records = _records(k, weights=record_weights)
-    groups = preference_groups(records, tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    records = _records(k)
+    table = None if record_weights is None else {r.id: w for r, w in zip(records, record_weights)}
+    groups = preference_groups(records, tokenizer, SHORT_TEMPLATE)
     (batch,) = make_loss_batches(groups, BUDGET, "po")
     assert batch.num_pairs == k * len(records)
     assert batch.packed.tree_tokens < batch.packed.unshared_tokens
 
-    tree = _tree_objective(model, batch, FusedTokenPOLoss(objective, config))
-    rows, example_weights = _pair_rows(tokenizer, records)
+    tree = _tree_objective(model, batch, FusedTokenPOLoss(objective, config, class_weights=table))
+    rows, example_weights = _pair_rows(tokenizer, records, table)
     pairs = PairIndex(torch.arange(0, len(rows), 2), torch.arange(1, len(rows), 2))
     ref = _unshared_objective(model, rows, example_weights, objective, config, pairs)
     _assert_same(model, tree, ref)
@@ -176,16 +184,17 @@ def test_tree_packed_sft_loss_and_lora_grads_equal_unshared_float64(tokenizer, m
     examples = _examples(3)
     example_weights = [0.5, 1.0, 2.0]
     config = SftConfig(class_balance=ClassBalanceConfig(enabled=True))
-    groups = sft_groups(examples, tokenizer, WEIGHTS, SHORT_TEMPLATE, example_weights=example_weights)
+    groups = sft_groups(examples, tokenizer, SHORT_TEMPLATE)
     (batch,) = make_loss_batches(groups, BUDGET, "sft")
-    assert batch.pairs is None and batch.example_weights.tolist() == example_weights
+    assert batch.pairs is None and batch.segment_records == tuple(ex.id for ex in examples)
 
-    tree = _tree_objective(model, batch, FusedTokenPOLoss("sft", config))
+    table = {ex.id: w for ex, w in zip(examples, example_weights)}
+    tree = _tree_objective(model, batch, FusedTokenPOLoss("sft", config, class_weights=table))
     rows = []
     for ex in examples:
         prompt = build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE)
         tc = tokenize_completion(tokenizer, prompt, serialize(ex.annotations))
-        rows.append((tc.input_ids, len(tc.prompt_ids), token_weights(tc.roles, WEIGHTS)))
+        rows.append((tc.input_ids, len(tc.prompt_ids), tc.roles, [False] * len(tc.roles)))
     ref = _unshared_objective(model, rows, torch.tensor(example_weights, dtype=torch.float64), "sft", config, None)
     _assert_same(model, tree, ref)
 
@@ -195,16 +204,16 @@ def test_per_pair_chosen_weights_not_union(tokenizer, model):
     weight_cfg = TokenWeightConfig(w_diff=2.0)  # a large diff factor makes the two readings far apart
     config = TabpoConfig(token_weights=weight_cfg)
     records = _records(2, n=1)
-    (group,) = preference_groups(records, tokenizer, weight_cfg, SHORT_TEMPLATE)
-    # The two pairs differ in different places, so their chosen weights differ from each other.
+    (group,) = preference_groups(records, tokenizer, SHORT_TEMPLATE)
+    # The two pairs differ in different places, so their chosen diff flags (hence weights) differ.
     assert group.completions[0].tolist() == group.completions[2].tolist()
-    assert group.weights[0].tolist() != group.weights[2].tolist()
+    assert group.diffs[0].tolist() != group.diffs[2].tolist()
     (batch,) = make_loss_batches([group], BUDGET, "po")
 
     tree = _tree_objective(model, batch, FusedTokenPOLoss("tabpo", config))
     pairs = PairIndex(torch.tensor([0, 2]), torch.tensor([1, 3]))
-    per_pair_rows, ew = _pair_rows(tokenizer, records, weight_cfg)
-    union_rows, _ = _pair_rows(tokenizer, records, weight_cfg, union=True)
+    per_pair_rows, ew = _pair_rows(tokenizer, records)
+    union_rows, _ = _pair_rows(tokenizer, records, union=True)
     with torch.no_grad():
         tree_loss = tree.loss.detach().double()
         per_pair = _unshared_objective(model, per_pair_rows, ew, "tabpo", config, pairs).loss
@@ -223,34 +232,37 @@ def _distinct_prefixes(sequences):
     return len({tuple(s[:n]) for s in sequences for n in range(1, len(s) + 1)})
 
 
-def test_segment_layout_pairs_and_example_weights(tokenizer):
-    records = [_records(3, n=1, weights=[0.5])[0], _records(1, n=2, weights=[1.0, 2.5])[1]]
-    groups = preference_groups(records, tokenizer, WEIGHTS, SHORT_TEMPLATE)
+def test_segment_layout_pairs_and_record_ids(tokenizer):
+    records = [_records(3, n=1)[0], _records(1, n=2)[1]]
+    groups = preference_groups(records, tokenizer, SHORT_TEMPLATE)
     for record, group in zip(records, groups):
         prompt = build_prompt(tokenizer, record.direction, record.message, SHORT_TEMPLATE)
-        expected = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected, WEIGHTS)
-        assert group.key == GroupKey(record.id, "po", record.weight)
+        expected = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected)
+        assert group.key == GroupKey(record.id, "po")
         assert group.prompt_ids.tolist() == expected.prompt_ids.tolist()
         for j, rejected in enumerate(expected.rejected):
             assert group.completions[2 * j].tolist() == expected.chosen.completion_ids.tolist()
-            assert group.weights[2 * j].tolist() == expected.chosen_pair_weights[j].tolist()
+            assert group.roles[2 * j].tolist() == expected.chosen.roles.tolist()
+            assert group.diffs[2 * j].tolist() == expected.chosen_diff_masks[j].tolist()
             assert group.completions[2 * j + 1].tolist() == rejected.completion_ids.tolist()
-            assert group.weights[2 * j + 1].tolist() == rejected.weights.tolist()
+            assert group.roles[2 * j + 1].tolist() == rejected.roles.tolist()
+            assert group.diffs[2 * j + 1].tolist() == expected.rejected_diff_masks[j].tolist()
 
     (batch,) = make_loss_batches(groups, BUDGET, "po")
     # Record 0 (k=3) holds segments 0..5, record 1 (k=1) segments 6, 7; pairs written out by hand.
     assert batch.pairs.chosen.tolist() == [0, 2, 4, 6]
     assert batch.pairs.rejected.tolist() == [1, 3, 5, 7]
-    assert batch.example_weights.tolist() == [0.5, 0.5, 0.5, 2.5]
+    assert batch.segment_records == (records[0].id,) * 6 + (records[1].id,) * 2
     assert batch.record_ids == (records[0].id, records[1].id)
     # The chosen copies are one trie path: the row holds each distinct prefix once.
     sequences = [s for g in groups for s in g.sequences()]
     assert batch.packed.tree_tokens == _distinct_prefixes(sequences)
-    # Scored rows: each completion in full, in segment order, with its own weights.
-    for m, (item, j) in enumerate(batch.packed.completion_ids):
+    # Scored rows: each completion in full, in segment order, with its own roles and diff flags.
+    for m, (item, j) in enumerate(batch.packed.completion_sources):
         rows = batch.packed.score_segments == m
         assert batch.packed.score_targets[rows].tolist() == list(groups[item].completions[j])
-        assert batch.packed.score_weights[rows].tolist() == pytest.approx(list(groups[item].weights[j]))
+        assert batch.packed.score_roles[rows].tolist() == list(groups[item].roles[j])
+        assert batch.packed.score_diff[rows].tolist() == list(groups[item].diffs[j])
 
     stats = PackingStats.from_batches([batch], BUDGET)
     assert stats.unshared_tokens == sum(len(s) for s in sequences)
@@ -259,23 +271,22 @@ def test_segment_layout_pairs_and_example_weights(tokenizer):
 
 
 def test_many_packs_cover_every_pair_once_deterministically(tokenizer):
-    records = _records(3, n=6, weights=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-    groups = preference_groups(records, tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    records = _records(3, n=6)
+    groups = preference_groups(records, tokenizer, SHORT_TEMPLATE)
     budget = 2 * max(group_tree_tokens(g) for g in groups)
     batches = make_loss_batches(groups, budget, "po")
     again = make_loss_batches(groups, budget, "po")
     assert len(batches) > 1
-    weight_of = {r.id: r.weight for r in records}
     seen = []
     for batch, twin in zip(batches, again):
         assert batch.packed.tree_tokens <= budget
         assert torch.equal(batch.packed.input_ids, twin.packed.input_ids)
         assert torch.equal(batch.pairs.chosen, twin.pairs.chosen)
-        # every pair belongs to one record and carries its weight
-        for c, r, w in zip(batch.pairs.chosen.tolist(), batch.pairs.rejected.tolist(), batch.example_weights):
+        # every pair belongs to one record, named by both of its segments
+        for c, r in zip(batch.pairs.chosen.tolist(), batch.pairs.rejected.tolist()):
             key_c, key_r = batch.packed.group_keys[c], batch.packed.group_keys[r]
-            assert key_c == key_r and float(w) == weight_of[key_c.record_id]
-            (_, j_c), (_, j_r) = batch.packed.completion_ids[c], batch.packed.completion_ids[r]
+            assert key_c == key_r and batch.segment_records[c] == key_c.record_id
+            (_, j_c), (_, j_r) = batch.packed.completion_sources[c], batch.packed.completion_sources[r]
             assert j_c % 2 == 0 and j_r == j_c + 1
             seen.append((key_c.record_id, j_c))
     assert sorted(seen) == sorted((r.id, 2 * j) for r in records for j in range(3))
@@ -286,18 +297,17 @@ def test_many_packs_cover_every_pair_once_deterministically(tokenizer):
 
 def test_sft_groups_layout(tokenizer):
     examples = _examples(2)
-    groups = sft_groups(examples, tokenizer, WEIGHTS, SHORT_TEMPLATE, example_weights=[1.5, 0.5])
+    groups = sft_groups(examples, tokenizer, SHORT_TEMPLATE)
     for ex, group in zip(examples, groups):
-        assert group.key == GroupKey(ex.id, "sft", 1.5 if ex is examples[0] else 0.5)
+        assert group.key == GroupKey(ex.id, "sft")
         (completion,) = group.completions
         assert tokenizer.decode(completion) == serialize(ex.annotations) + tokenizer.eos_token
         prompt = build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE)
         roles = tokenize_completion(tokenizer, prompt, serialize(ex.annotations)).roles
-        # role weights by hand: 1.0 scaffold, else the role's weight, never a diff factor
-        by_role = {0: 1.0, 1: WEIGHTS.w_code, 2: WEIGHTS.w_subcode, 3: WEIGHTS.w_span}
-        assert group.weights[0].tolist() == pytest.approx([by_role[int(r)] for r in roles])
+        assert group.roles[0].tolist() == roles.tolist() and group.diffs is None  # no rejected: no diff flags
     batches = make_loss_batches(groups, BUDGET, "sft")
-    assert [b.example_weights.tolist() for b in batches] == [[1.5, 0.5]]
+    assert [b.segment_records for b in batches] == [tuple(ex.id for ex in examples)]
+    assert not batches[0].packed.score_diff.any()
 
 
 def test_prompt_field_and_default_template(tokenizer):
@@ -307,7 +317,7 @@ def test_prompt_field_and_default_template(tokenizer):
                                 prompt=ready),
                PreferenceRecord("built", serialize(ex.annotations), tuple(_rejected_texts(ex.annotations, 1)),
                                 ex.direction, ex.message)]
-    ready_group, built_group = preference_groups(records, tokenizer, WEIGHTS)  # default template
+    ready_group, built_group = preference_groups(records, tokenizer)  # default template
     assert ready_group.prompt_ids.tolist() == tokenizer(ready, add_special_tokens=False)["input_ids"]
     full_prompt = build_prompt(tokenizer, ex.direction, ex.message)
     assert built_group.prompt_ids.tolist() == tokenizer(full_prompt, add_special_tokens=False)["input_ids"]
@@ -315,7 +325,7 @@ def test_prompt_field_and_default_template(tokenizer):
 
 
 def test_kind_mismatch_and_odd_groups_are_errors(tokenizer):
-    po = preference_groups(_records(1, n=1), tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    po = preference_groups(_records(1, n=1), tokenizer, SHORT_TEMPLATE)
     with pytest.raises(ValueError, match="built for kind 'po'"):
         make_loss_batches(po, BUDGET, "sft")
     odd = CompletionGroup([1, 2], [[3], [4], [5]], key="x")
@@ -333,30 +343,32 @@ def test_kind_mismatch_and_odd_groups_are_errors(tokenizer):
 
 def test_over_long_group_error_names_record_and_lengths(tokenizer):
     (record,) = _records(2, n=1)
-    (group,) = preference_groups([record], tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    (group,) = preference_groups([record], tokenizer, SHORT_TEMPLATE)
     cost = _distinct_prefixes(group.sequences())
     lengths = [len(c) for c in group.completions]
     with pytest.raises(ValueError) as err:
-        preference_groups([record], tokenizer, WEIGHTS, SHORT_TEMPLATE, token_budget=cost - 1)
+        preference_groups([record], tokenizer, SHORT_TEMPLATE, token_budget=cost - 1)
     message = str(err.value)
     assert repr(record.id) in message
     assert f"prompt {len(group.prompt_ids)} tokens" in message
     assert f"chosen {lengths[0]} tokens, rejected {lengths[1::2]} tokens" in message
     assert f"need {cost} tree tokens" in message and "truncate=True" in message
     # exactly at the budget is fine
-    (fits,) = preference_groups([record], tokenizer, WEIGHTS, SHORT_TEMPLATE, token_budget=cost)
+    (fits,) = preference_groups([record], tokenizer, SHORT_TEMPLATE, token_budget=cost)
     assert fits.completions[0].tolist() == group.completions[0].tolist()
 
 
 def test_truncate_cuts_completion_tails_to_the_longest_fitting_length(tokenizer):
     (record,) = _records(2, n=1)
-    (group,) = preference_groups([record], tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    (group,) = preference_groups([record], tokenizer, SHORT_TEMPLATE)
     budget = len(group.prompt_ids) + 40
-    (cut,) = preference_groups([record], tokenizer, WEIGHTS, SHORT_TEMPLATE, token_budget=budget, truncate=True)
+    (cut,) = preference_groups([record], tokenizer, SHORT_TEMPLATE, token_budget=budget, truncate=True)
     assert cut.prompt_ids.tolist() == group.prompt_ids.tolist()  # the prompt is never cut
     cap = max(len(c) for c in cut.completions)
-    for full, short, w_full, w_short in zip(group.completions, cut.completions, group.weights, cut.weights):
-        assert short.tolist() == full[:cap].tolist() and w_short.tolist() == w_full[:cap].tolist()
+    for j, (full, short) in enumerate(zip(group.completions, cut.completions)):
+        assert short.tolist() == full[:cap].tolist()
+        assert cut.roles[j].tolist() == group.roles[j][:cap].tolist()
+        assert cut.diffs[j].tolist() == group.diffs[j][:cap].tolist()
     assert _distinct_prefixes(cut.sequences()) <= budget
     # the longest cap: one more token per completion would not fit
     longer = [list(group.prompt_ids) + list(c[:cap + 1]) for c in group.completions]

@@ -6,7 +6,13 @@ import pytest
 
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.records import Annotation, Example, PreferenceRecord
-from pvfast.objectives.class_balance import attach_class_balance, class_balance_weights, example_labels, label_weights
+from pvfast.objectives.class_balance import (
+    chosen_annotations,
+    class_balance_table,
+    class_balance_weights,
+    example_labels,
+    label_weights,
+)
 from pvfast.objectives.config import ClassBalanceConfig
 
 PP = "PartnershipPatient"
@@ -122,26 +128,27 @@ def _record(i, annotations):
                             direction="N", message="m")
 
 
-def test_attach_parses_chosen_and_sets_weights():
+def test_table_by_record_id_from_parsed_chosen_annotations():
     annotation_lists = [a.annotations if isinstance(a, Example) else a for a in _tiny_set()]
     records = [_record(i, a) for i, a in enumerate(annotation_lists)]
     cfg = ClassBalanceConfig(enabled=True, b=0.5)
     expected = class_balance_weights(annotation_lists, cfg)
-    parsed = attach_class_balance(records, cfg)
-    explicit = attach_class_balance(records, cfg, annotation_lists)
-    assert [r.weight for r in parsed] == pytest.approx(expected)
-    assert [r.weight for r in explicit] == pytest.approx(expected)
-    assert [r.id for r in parsed] == [r.id for r in records] and parsed[0].chosen == records[0].chosen
-    assert [r.weight for r in attach_class_balance(records, ClassBalanceConfig())] == [1.0] * 4
+    parsed = chosen_annotations(records)
+    assert [list(a) for a in parsed] == [list(a) for a in annotation_lists]
+    table = class_balance_table([r.id for r in records], parsed, cfg)
+    assert table == pytest.approx(dict(zip(["r0", "r1", "r2", "r3"], expected)))
+    assert class_balance_table([r.id for r in records], parsed, ClassBalanceConfig()) is None  # CB off: c = 1
 
 
-def test_attach_rejects_unparseable_chosen_and_length_mismatch():
+def test_table_refuses_unparseable_chosen_repeated_ids_and_length_mismatch():
     bad = PreferenceRecord(id="bad", chosen='{"results": [{"Code": "Nope", "Sub-code": "None", "Span": "x"}]}',
                            rejected=("{}",), direction="N", message="m")
     with pytest.raises(ValueError, match="'bad'"):
-        attach_class_balance([bad], ClassBalanceConfig(enabled=True))
-    with pytest.raises(ValueError, match="annotation lists"):
-        attach_class_balance([bad], ClassBalanceConfig(enabled=True), [[], []])
+        chosen_annotations([bad])
+    with pytest.raises(ValueError, match="2 ids for 1 examples"):
+        class_balance_table(["a", "b"], [[]], ClassBalanceConfig(enabled=True))
+    with pytest.raises(ValueError, match="repeat"):
+        class_balance_table(["a", "a"], [[], []], ClassBalanceConfig(enabled=True))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -375,14 +375,24 @@ def good_preference_rows():
 def test_round_trip_preferences(tmp_path):
     records = [
         PreferenceRecord("p1", CHOSEN_N, (REJECTED_LABEL, REJECTED_MISSING), direction="N", message=MESSAGE_N,
-                         strategies=("label", "missing"), weight=0.25),
+                         strategies=("label", "missing")),
         PreferenceRecord("p2", serialize(TWO), (serialize(TWO[::-1][:1]),), prompt="Prompt ü"),
     ]
     out = tmp_path / "prefs" / "p.jsonl"
     io.write_preferences(out, records)
     loaded, problems = io.load_preferences(out)
     assert loaded == records and problems == []
-    assert [r.weight for r in loaded] == [0.25, 1.0]
+    assert all("weight" not in line for line in out.read_text(encoding="utf-8").splitlines())
+
+
+def test_a_legacy_record_weight_is_validated_and_reported_unused(tmp_path):
+    """Files of earlier versions carried class balance as a per-record "weight": still read (and checked),
+    never silently used: class-balance weights now come from the chosen annotations."""
+    path = tmp_path / "legacy.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in good_preference_rows()), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"legacy.jsonl: the 'weight' of 1 record\(s\) is not used"):
+        loaded, problems = io.load_preferences(path)
+    assert [r.id for r in loaded] == ["p1", "p2"] and problems == []
 
 
 BAD_PREFERENCE_CASES = {

@@ -20,7 +20,6 @@ from pvfast.data.synth import default_corpus
 from pvfast.model.forward import lm_head_weight, packed_attention_mask, packed_forward
 from pvfast.model.reference import reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
-from pvfast.objectives.config import TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups
 from pvfast.testing import activate_lora, load_tiny_model
@@ -114,7 +113,7 @@ def _micro_batches(tokenizer):
         rejected = (serialize(annotations[1:]), serialize(annotations[:1]))  # drop one / keep one
         records.append(PreferenceRecord(example.id, serialize(annotations), rejected, direction=example.direction,
                                         message=example.message))
-    groups = preference_groups(records, tokenizer, TokenWeightConfig(), SHORT_TEMPLATE)
+    groups = preference_groups(records, tokenizer, SHORT_TEMPLATE)
     budget = max(sum(len(c) for c in g.completions) + len(g.prompt_ids) for g in groups)  # one group per row
     batches = make_loss_batches(groups, budget, "po")
     assert len(batches) == 2
@@ -132,7 +131,7 @@ def _loss(model, batch, loss_fn):
     mask = packed_attention_mask(inner, batch.packed)
     ref = reference_stats(inner, batch, loss_fn, mask)
     hidden = packed_hidden(model, batch.packed, mask)
-    return loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref, batch.example_weights).loss
+    return loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref).loss
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:

@@ -12,11 +12,14 @@ import torch
 from pvfast import FusedTokenPOLoss, causal_lm_rows
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.prompt import PromptTemplate, build_prompt
+from pvfast.data.roles import ROLE_CODE, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
 from pvfast.model.tiny import load_tiny_tokenizer
 from pvfast.objectives.config import TabpoConfig, TokenWeightConfig, default_config
-from pvfast.objectives.losses import compute_objective, effective_token_weights, stats_from_padded
+from pvfast.objectives.fused_loss import ScoringRows
+from pvfast.objectives.losses import PairIndex, compute_objective, stats_from_padded
+from pvfast.objectives.weights import token_weights
 from pvfast.packing.padded import collate_pair_groups
 from pvfast.testing import activate_lora, load_tiny_model
 
@@ -36,9 +39,9 @@ def _batch(tokenizer, n_examples=2):
                     serialize([dataclasses.replace(anns[0], span=anns[0].span[: max(1, len(anns[0].span) // 2)])]
                               + anns[1:])]  # a shortened span
         groups.append(tokenize_pair_group(tokenizer, build_prompt(tokenizer, ex.direction, ex.message, SHORT_TEMPLATE),
-                                          serialize(anns), rejected, TokenWeightConfig()))
+                                          serialize(anns), rejected))
     b = collate_pair_groups(groups, tokenizer.pad_token_id)
-    return b.input_ids, b.attention_mask, b.labels, b.token_weights, b.pairs
+    return b.input_ids, b.attention_mask, b.labels, (b.token_roles, b.token_diff), b.pairs
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +53,12 @@ def setup():
     return tokenizer, model, _batch(tokenizer)
 
 
-def _reference(model, input_ids, attention, labels, weights, pairs, objective, config):
+def _reference(model, input_ids, attention, labels, roles_diff, pairs, objective, config):
     """Float64 reference: full logits, log_softmax, gather, padded stats, objective."""
-    tau = getattr(config, "tau", 1.0)
+    tau = config.gate_tau
     mask = labels[:, 1:] != IGNORE
-    w = effective_token_weights(weights[:, 1:].double(), config)
+    roles, diff = roles_diff
+    w = token_weights(roles[:, 1:], diff[:, 1:], config).double()
 
     def stats(logits):
         logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
@@ -68,14 +72,14 @@ def _reference(model, input_ids, attention, labels, weights, pairs, objective, c
     return compute_objective(objective, policy, ref, pairs, None, config)
 
 
-def _fused(model, input_ids, attention, labels, weights, pairs, objective, config, impl):
+def _fused(model, input_ids, attention, labels, roles_diff, pairs, objective, config, impl):
     loss_fn = FusedTokenPOLoss(objective, config, impl=impl)
     base = model.get_base_model()
     head = base.lm_head.weight
 
     def rows():
         hidden = base.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        return causal_lm_rows(hidden, labels, weights)
+        return causal_lm_rows(hidden, labels, *roles_diff)
 
     ref_stats = None
     if loss_fn.needs_reference:
@@ -159,3 +163,33 @@ def test_wrong_config_type():
         FusedTokenPOLoss("tabpo", default_config("dpo"))
     with pytest.raises(KeyError, match="unknown objective"):
         FusedTokenPOLoss("orpo")
+
+
+def _toy_rows(records=("a", "a", "b", "b")):
+    g = torch.Generator().manual_seed(0)
+    roles = torch.tensor([ROLE_SCAFFOLD, ROLE_SPAN, ROLE_CODE, ROLE_SUBCODE, ROLE_SPAN, ROLE_SCAFFOLD, ROLE_CODE,
+                          ROLE_SPAN], dtype=torch.int8)
+    return ScoringRows(hidden=torch.randn(8, 16, generator=g), targets=torch.randint(0, 32, (8,), generator=g),
+                       roles=roles, diff=torch.tensor([0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool),
+                       segment_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), num_segments=4, segment_records=records)
+
+
+def test_weight_settings_and_class_weights_apply_at_loss_time():
+    """Nothing is re-tokenized or re-packed: the same rows scored under another token-weight setting give the
+    statistics of those weights, and class weights are looked up by each pair's record."""
+    rows, weight = _toy_rows(), torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    pairs = PairIndex(torch.tensor([0, 2]), torch.tensor([1, 3]))
+    logp = torch.log_softmax(rows.hidden.double() @ weight.double().T, -1).gather(1, rows.targets[:, None])[:, 0]
+    for config in (TabpoConfig(), TabpoConfig(token_weights=TokenWeightConfig(w_span=3.0, w_diff=2.0)),
+                   TabpoConfig(token_weighting=False)):
+        stats = FusedTokenPOLoss("tabpo", config, impl="torch").statistics(rows, weight)
+        w = token_weights(rows.roles, rows.diff, config).double()
+        expected = torch.zeros(4, dtype=torch.float64).index_add_(0, rows.segment_ids, w * logp)
+        torch.testing.assert_close(stats[:, 1].double(), expected, rtol=1e-5, atol=1e-5)  # Σ w ℓ
+    ref = FusedTokenPOLoss("dpo", impl="torch").statistics(rows, weight * 0.9)
+    balanced = FusedTokenPOLoss("dpo", impl="torch", class_weights={"a": 2.0, "b": 0.5})
+    explicit = FusedTokenPOLoss("dpo", impl="torch")(rows, weight, pairs, ref, example_weights=torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(balanced(rows, weight, pairs, ref).loss, explicit.loss)
+    assert balanced(rows, weight, pairs, ref).normalizer.item() == pytest.approx(2.5)
+    with pytest.raises(KeyError, match="'b'"):
+        FusedTokenPOLoss("dpo", impl="torch", class_weights={"a": 2.0})(rows, weight, pairs, ref)

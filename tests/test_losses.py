@@ -24,7 +24,6 @@ from pvfast.objectives.losses import (
     CompletionStats,
     PairIndex,
     compute_objective,
-    effective_token_weights,
     repeat_per_pair,
     stats_from_padded,
     tabpo_terms,
@@ -104,8 +103,8 @@ def test_tabpo_hand_worked_switches():
     expected = ((2 * softplus(-0.5 * H_A) + softplus(-0.5 * H_B)) / 3
                 + 0.5 * (2 * BAR_A + BAR_B) / 3)
     assert compute_objective("tabpo", policy, ref, pairs, c, cb).loss.item() == pytest.approx(expected, rel=1e-12)
-    # CB off: the passed weights are ignored (c = 1).
-    off = compute_objective("tabpo", policy, ref, pairs, c, TabpoConfig(tau=TAU)).loss.item()
+    # No example weights: c = 1 (class balance off is the absence of weights, not a config re-check).
+    off = compute_objective("tabpo", policy, ref, pairs, None, TabpoConfig(tau=TAU)).loss.item()
     assert off == pytest.approx((softplus(-0.5 * H_A) + softplus(-0.5 * H_B)) / 2 + 0.5 * (BAR_A + BAR_B) / 2,
                                 rel=1e-12)
     # CG off: the preference term alone.
@@ -189,10 +188,8 @@ def _config(name, **kwargs):
 def test_tabpo_without_weights_gate_or_balance_is_dpo_on_mean_logps():
     logp, ref_logp, weights, mask, pairs, _ = _random_batch()
     cfg = TabpoConfig(token_weighting=False, confidence_gate=False)
-    w = effective_token_weights(weights, cfg)
-    assert torch.equal(w, torch.ones_like(weights))
-    policy = stats_from_padded(logp, w, mask, cfg.tau)
-    ref = stats_from_padded(ref_logp, w, mask, cfg.tau)
+    policy = stats_from_padded(logp, None, mask, cfg.tau)  # token weighting off: every weight is 1
+    ref = stats_from_padded(ref_logp, None, mask, cfg.tau)
     got = compute_objective("tabpo", policy, ref, pairs, None, cfg).loss
 
     m = mask.to(F64)
@@ -204,8 +201,6 @@ def test_tabpo_without_weights_gate_or_balance_is_dpo_on_mean_logps():
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     dpo_mean = compute_objective("dpo", policy, ref, pairs, None, DpoConfig(beta=cfg.beta, score="mean")).loss
     torch.testing.assert_close(got, dpo_mean, rtol=1e-12, atol=0)
-    # With TW on, effective_token_weights passes the weights through unchanged.
-    assert effective_token_weights(weights, TabpoConfig()) is weights
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -409,8 +404,6 @@ def test_input_errors():
         compute_objective("ipo", policy, ref, None)
     with pytest.raises(TypeError, match="takes a DpoConfig"):
         compute_objective("dpo", policy, ref, pairs, config=TabpoConfig())
-    with pytest.raises(ValueError, match="no example_weights"):
-        compute_objective("dpo", policy, ref, pairs, None, DpoConfig(class_balance=CB_ON))
     with pytest.raises(ValueError, match=r"example_weights: expected shape \(2,\)"):
         compute_objective("dpo", policy, ref, pairs, torch.ones(3, dtype=F64), DpoConfig(class_balance=CB_ON))
     with pytest.raises(TypeError, match="int64"):
@@ -444,3 +437,27 @@ def test_config_field_types_are_checked():
         TabpoConfig(token_weights={"w_diff": 2.0})
     with pytest.raises(TypeError, match="class_balance"):
         DpoConfig(class_balance=True)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_loss_sum_and_normalizer_add_over_any_split_of_the_units(name):
+    """loss = loss_sum / normalizer, and both sums add over a split of the pairs (SFT: targets), so the loss
+    of several micro-batches together is Σ loss_sum / Σ normalizer (what the trainer's step computes)."""
+    logp, ref_logp, weights, mask, pairs, c = _random_batch(seed=5)
+    cfg = GRAD_CONFIGS[name]
+    policy = stats_from_padded(logp, weights, mask, 0.66)
+    ref = stats_from_padded(ref_logp, weights, mask, 0.66) if OBJECTIVES[name].needs_reference else None
+    whole = compute_objective(name, policy, ref, pairs, c, cfg)
+    torch.testing.assert_close(whole.loss, whole.loss_sum / whole.normalizer, rtol=1e-14, atol=0)
+    first, second = slice(0, 3), slice(3, None)
+    parts = [compute_objective(name, policy, ref, PairIndex(pairs.chosen[s], pairs.rejected[s]), c[s], cfg)
+             for s in (first, second)]
+    torch.testing.assert_close(parts[0].loss_sum + parts[1].loss_sum, whole.loss_sum, rtol=1e-12, atol=0)
+    torch.testing.assert_close(parts[0].normalizer + parts[1].normalizer, whole.normalizer, rtol=1e-12, atol=0)
+    assert not whole.normalizer.requires_grad
+    # Each metric mean recombines exactly from its parts with its count.
+    for key, count in whole.metric_counts.items():
+        if count is None:
+            continue
+        combined = sum(p.metrics[key] * p.metric_counts[key] for p in parts) / sum(p.metric_counts[key] for p in parts)
+        torch.testing.assert_close(combined, whole.metrics[key], rtol=1e-12, atol=1e-15)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pvfast.packing.tree as packing
+from pvfast.data.roles import ROLE_SCAFFOLD
 from pvfast.model.forward import packed_attention_mask, packed_forward, packed_token_logprobs
 from pvfast.model.tiny import load_tiny_tokenizer
 from pvfast.objectives.stats import segment_stats_reference
@@ -45,12 +46,12 @@ def test_docstring_example_is_what_pack_produces():
     assert batch.score_positions.tolist() == [2, 3, 2, 3, 6]
     assert batch.score_targets.tolist() == [30, 31, 30, 32, 40]
     assert batch.score_segments.tolist() == [0, 0, 1, 1, 2]
-    assert batch.completion_ids == ((0, 0), (0, 1), (1, 0))
+    assert batch.completion_sources == ((0, 0), (0, 1), (1, 0))
     assert batch.group_keys == ("A", "A", "B")
     assert (batch.tree_tokens, batch.unshared_tokens, batch.num_tokens) == (8, 5 + 5 + 4, 8)
     assert batch.savings == pytest.approx(1 - 8 / 14)
     assert batch.compression == pytest.approx(14 / 8)
-    assert batch.score_weights.tolist() == [1.0] * 5
+    assert batch.score_roles.tolist() == [ROLE_SCAFFOLD] * 5 and batch.score_diff.tolist() == [False] * 5
 
     # The docstring's table must show the same rows (so the documentation cannot drift from the code).
     doc = packing.__doc__
@@ -74,7 +75,7 @@ def test_docstring_example_is_what_pack_produces():
 
 
 def _random_groups(rng: random.Random, n_groups: int, vocab: int, shared_prefix: list[int] | None = None,
-                   max_rejected: int = 3, weights: bool = True) -> list[CompletionGroup]:
+                   max_rejected: int = 3, annotated: bool = True) -> list[CompletionGroup]:
     """Groups with spontaneous sharing: small vocab, optional common instruction, rejected edited from chosen."""
     groups = []
     for g in range(n_groups):
@@ -84,8 +85,9 @@ def _random_groups(rng: random.Random, n_groups: int, vocab: int, shared_prefix:
         for _ in range(rng.randint(0, max_rejected)):
             cut = rng.randint(0, len(chosen))  # shares chosen[:cut], then differs
             comps.append(chosen[:cut] + [rng.randrange(vocab) for _ in range(rng.randint(0, 4))])
-        w = [[round(rng.uniform(0.5, 2.0), 3) for _ in c] for c in comps] if weights else None
-        groups.append(CompletionGroup(prompt, comps, w, key=f"g{g}"))
+        roles = [[rng.randrange(4) for _ in c] for c in comps] if annotated else None
+        diffs = [[rng.random() < 0.3 for _ in c] for c in comps] if annotated else None
+        groups.append(CompletionGroup(prompt, comps, roles, diffs, key=f"g{g}"))
     return groups
 
 
@@ -135,11 +137,12 @@ def test_mask_is_ancestor_or_self_on_random_forest(seed):
         for j, seq in enumerate(g.sequences()):
             for t in range(len(g.prompt_ids), len(seq)):
                 rows.append((where[tuple(seq[:t])], seq[t], sum(len(x.completions) for x in groups[:m]) + j,
-                             g.weights[j][t - len(g.prompt_ids)]))
+                             g.roles[j][t - len(g.prompt_ids)], g.diffs[j][t - len(g.prompt_ids)]))
     assert batch.score_positions.tolist() == [r[0] for r in rows]
     assert batch.score_targets.tolist() == [r[1] for r in rows]
     assert batch.score_segments.tolist() == [r[2] for r in rows]
-    assert batch.score_weights.tolist() == pytest.approx([r[3] for r in rows])
+    assert batch.score_roles.tolist() == [r[3] for r in rows]
+    assert batch.score_diff.tolist() == [r[4] for r in rows]
     assert batch.num_segments == sum(len(g.completions) for g in groups)
 
 
@@ -205,14 +208,14 @@ def test_budget_respected_and_deterministic(budget):
     again = pack(groups, token_budget=budget)
     assert all(b.num_tokens <= budget for b in batches)
     # Every completion lands in exactly one pack, with its metadata.
-    placed = sorted(cid for b in batches for cid in b.completion_ids)
+    placed = sorted(cid for b in batches for cid in b.completion_sources)
     assert placed == sorted((i, j) for i, g in enumerate(groups) for j in range(len(g.completions)))
-    assert [b.completion_ids for b in batches] == [b.completion_ids for b in again]
+    assert [b.completion_sources for b in batches] == [b.completion_sources for b in again]
     for b, c in zip(batches, again):
         assert torch.equal(b.input_ids, c.input_ids) and torch.equal(b.score_positions, c.score_positions)
     # Each pack's groups appear in input order.
     for b in batches:
-        items = [i for i, _ in b.completion_ids]
+        items = [i for i, _ in b.completion_sources]
         assert items == sorted(items)
 
 
@@ -231,9 +234,11 @@ def test_array_inputs_pack_like_lists():
 
     lists = _random_groups(random.Random(7), n_groups=4, vocab=4, shared_prefix=[1, 2, 3])
     arrays = [CompletionGroup(np.array(g.prompt_ids), [torch.tensor(c, dtype=torch.int64) for c in g.completions],
-                              [np.array(w) for w in g.weights], key=g.key) for g in lists]
+                              [np.array(r, dtype=np.int8) for r in g.roles], [np.array(d) for d in g.diffs],
+                              key=g.key) for g in lists]
     (a,), (b,) = pack(lists, token_budget=256), pack(arrays, token_budget=256)
-    for name in ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets", "score_weights"):
+    for name in ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets", "score_roles",
+                 "score_diff"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -248,8 +253,9 @@ def test_oversize_group_error_names_it():
     [
         (CompletionGroup([], [[1]], key="r"), "prompt_ids is empty"),
         (CompletionGroup([1], [], key="r"), "no completions"),
-        (CompletionGroup([1], [[2, 3]], [[1.0]], key="r"), "completion 0 has 2 tokens but 1 weights"),
-        (CompletionGroup([1], [[2], [3]], [[1.0]], key="r"), "1 weight lists for 2 completions"),
+        (CompletionGroup([1], [[2, 3]], [[0]], key="r"), "completion 0 has 2 tokens but 1 role flags"),
+        (CompletionGroup([1], [[2, 3]], None, [[True, False], [True]], key="r"), "2 diff lists for 1 completions"),
+        (CompletionGroup([1], [[2], [3]], [[1]], key="r"), "1 role lists for 2 completions"),
     ],
 )
 def test_invalid_group_errors(group, message):
@@ -287,7 +293,7 @@ def test_pv_miner_shaped_workload_shares_the_instruction():
     assert unshared == sum(b.unshared_tokens for b in batches)
     for b in batches:
         assert b.num_tokens <= budget
-        members = sorted({i for i, _ in b.completion_ids})
+        members = sorted({i for i, _ in b.completion_sources})
         assert b.tree_tokens == _distinct_prefix_count([s for i in members for s in groups[i].sequences()])
     # Unshared: 4 copies of ~3.6k prompt per example; packed: the instruction once per pack.
     assert packed < 0.15 * unshared
@@ -362,9 +368,9 @@ def test_lora_logprobs_and_gradients_equal_separate_sequences(arch, quant):
     model = _tiny_model(arch, lora=True, quant=quant)
     groups = _workload("pairs_k3", seed=1)
     (batch,) = pack(groups, token_budget=512)
-    # An upstream gradient that is not all ones: per-token weights times a per-completion sign.
-    sign = torch.tensor([1.0 if j == 0 else -0.5 for _, j in batch.completion_ids])
-    coef = batch.score_weights * sign[batch.score_segments]
+    # An upstream gradient that is not all ones: per-token values times a per-completion sign.
+    sign = torch.tensor([1.0 if j == 0 else -0.5 for _, j in batch.completion_sources])
+    coef = torch.linspace(0.5, 2.0, batch.num_scored) * sign[batch.score_segments]
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora_params and all(p.requires_grad for p in lora_params)
 

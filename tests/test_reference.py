@@ -17,13 +17,13 @@ from pvfast.model.tiny import load_tiny_tokenizer
 from pvfast.objectives.config import TabpoConfig, TokenWeightConfig
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.objectives.losses import stats_from_padded
+from pvfast.objectives.weights import token_weights
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups
 from pvfast.packing.tree import group_tree_tokens
 from pvfast.testing import activate_lora, load_tiny_model
 
 SHORT_TEMPLATE = PromptTemplate("Extract the PV-Miner triples.\nTO_PAT_YN: {direction}\n{message}\nOUTPUT:",
                                 source="test template")
-WEIGHTS = TokenWeightConfig()
 
 
 def _records(n, seed):
@@ -48,7 +48,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def batches(tokenizer):
-    groups = preference_groups(_records(4, seed=3), tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    groups = preference_groups(_records(4, seed=3), tokenizer, SHORT_TEMPLATE)
     batches = make_loss_batches(groups, token_budget=3 * max(group_tree_tokens(g) for g in groups) // 2)
     assert len(batches) > 1
     return batches
@@ -64,16 +64,17 @@ def _unshared_base_stats(base_model, tokenizer, records):
     out = []
     for record in records:
         prompt = build_prompt(tokenizer, record.direction, record.message, SHORT_TEMPLATE)
-        group = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected, WEIGHTS)
+        group = tokenize_pair_group(tokenizer, prompt, record.chosen, record.rejected)
         p = len(group.prompt_ids)
         for j, rejected in enumerate(group.rejected):
-            for ids, w in ((group.chosen.input_ids, group.chosen_pair_weights[j]), (rejected.input_ids,
-                                                                                    rejected.weights)):
+            for ids, roles, diff in ((group.chosen.input_ids, group.chosen.roles, group.chosen_diff_masks[j]),
+                                     (rejected.input_ids, rejected.roles, group.rejected_diff_masks[j])):
+                w = token_weights(torch.as_tensor(roles), torch.as_tensor(diff), LOSS.config)
                 with torch.no_grad():
                     logits = base_model(input_ids=torch.as_tensor(ids)[None]).logits[0].double()
                 logp = logits[p - 1:-1].log_softmax(-1).gather(-1, torch.as_tensor(ids[p:])[:, None])[:, 0]
                 mask = torch.ones(1, logp.numel(), dtype=torch.bool)
-                out.append(stats_from_padded(logp[None], torch.as_tensor(w, dtype=torch.float64)[None], mask, tau))
+                out.append(stats_from_padded(logp[None], w.double()[None], mask, tau))
     return torch.cat(out)
 
 
@@ -117,15 +118,15 @@ def test_precomputed_cache_round_trip_equals_on_the_fly(model, batches, tmp_path
     path = tmp_path / "ref.safetensors"
     cache = precompute_reference(model, batches, LOSS, path)
     assert path.is_file() and len(cache) == len(batches)
-    reloaded = ReferenceCache.load(path, LOSS)
+    reloaded = ReferenceCache.load(path)
     for batch in batches:
         on_the_fly = reference_stats(model, batch, LOSS)
-        torch.testing.assert_close(cache.get(batch), on_the_fly, rtol=0, atol=1e-6)
-        assert torch.equal(reloaded.get(batch), cache.get(batch))
+        torch.testing.assert_close(cache.get(batch, LOSS), on_the_fly, rtol=0, atol=1e-6)
+        assert torch.equal(reloaded.get(batch, LOSS), cache.get(batch, LOSS))
         # the loss from cached statistics is the loss from the on-the-fly reference
         rows = batch.scoring_rows(packed_forward(model, batch.packed).detach())
         head = lm_head_weight(model)
-        cached_loss = LOSS(rows, head, batch.pairs, reloaded.get(batch)).loss
+        cached_loss = LOSS(rows, head, batch.pairs, reloaded.get(batch, LOSS)).loss
         torch.testing.assert_close(cached_loss, LOSS(rows, head, batch.pairs, on_the_fly).loss, rtol=0, atol=1e-6)
     # An existing cache that covers the batches is reused without touching the model.
     assert len(precompute_reference(None, batches, LOSS, path)) == len(batches)
@@ -134,29 +135,44 @@ def test_precomputed_cache_round_trip_equals_on_the_fly(model, batches, tmp_path
 def test_cache_from_other_data_or_settings_is_refused(tokenizer, model, batches, tmp_path):
     path = tmp_path / "ref.safetensors"
     precompute_reference(model, batches[:1], LOSS, path)
-    other_groups = preference_groups(_records(2, seed=11), tokenizer, WEIGHTS, SHORT_TEMPLATE)
+    other_groups = preference_groups(_records(2, seed=11), tokenizer, SHORT_TEMPLATE)
     (other,) = make_loss_batches(other_groups, token_budget=4096)
-    cache = ReferenceCache.load(path, LOSS)
+    cache = ReferenceCache.load(path)
+    assert cache.has(batches[0], LOSS)
     with pytest.raises(KeyError, match="other data"):
-        cache.get(other)
+        cache.get(other, LOSS)
     with pytest.raises(KeyError, match="other data"):
-        cache.get(batches[1])  # same data set, but a batch the cache was not computed for
+        cache.get(batches[1], LOSS)  # same data set, but a batch the cache was not computed for
     with pytest.raises(ValueError, match="no entry for 1 of 1 batches"):
         precompute_reference(model, [other], LOSS, path)
-    # Same tokens, other token weights: another key.
-    reweighted = dataclasses.replace(batches[0], packed=dataclasses.replace(
-        batches[0].packed, score_weights=batches[0].packed.score_weights * 2))
-    assert batch_key(reweighted) != batch_key(batches[0])
+    # Same tokens, other token roles: another content key.
+    relabelled = dataclasses.replace(batches[0], content_key=None, packed=dataclasses.replace(
+        batches[0].packed, score_roles=torch.zeros_like(batches[0].packed.score_roles)))
+    assert batch_key(relabelled) != batch_key(batches[0])
     with pytest.raises(KeyError, match="other data"):
-        cache.get(reweighted)
-    # Same batches, another gate threshold: the settings differ.
-    with pytest.raises(ValueError, match="tau"):
-        ReferenceCache.load(path, FusedTokenPOLoss("tabpo", TabpoConfig(tau=0.5)))
-    with pytest.raises(ValueError, match="token_weighting"):
-        ReferenceCache.load(path, FusedTokenPOLoss("tabpo", TabpoConfig(token_weighting=False)))
+        cache.get(relabelled, LOSS)
+    # Same batches, other objective settings that shape the statistics (gate τ, token weights, the TW
+    # switch): no entry, the key follows from the settings. A setting they do not depend on (β) is served.
+    for config in (TabpoConfig(tau=0.5), TabpoConfig(token_weighting=False),
+                   TabpoConfig(token_weights=TokenWeightConfig(w_span=2.0))):
+        with pytest.raises(KeyError, match="objective settings"):
+            cache.get(batches[0], FusedTokenPOLoss("tabpo", config))
+    assert torch.equal(cache.get(batches[0], FusedTokenPOLoss("tabpo", TabpoConfig(beta=0.1))),
+                       cache.get(batches[0], LOSS))
     # overwrite=True replaces it with the new data's statistics.
     replaced = precompute_reference(model, [other], LOSS, path, overwrite=True)
-    torch.testing.assert_close(replaced.get(other), reference_stats(model, other, LOSS), rtol=0, atol=1e-6)
+    torch.testing.assert_close(replaced.get(other, LOSS), reference_stats(model, other, LOSS), rtol=0, atol=1e-6)
+
+
+def test_an_older_or_damaged_cache_file_is_scored_again(model, batches, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ref.safetensors"
+    save_file({"stats/x": torch.zeros(2, 7)}, str(path), metadata={"format": "pvfast-reference-v1"})
+    with pytest.warns(UserWarning, match="scoring the reference again"):
+        cache = precompute_reference(model, batches[:1], LOSS, path)
+    torch.testing.assert_close(cache.get(batches[0], LOSS), reference_stats(model, batches[0], LOSS),
+                               rtol=0, atol=1e-6)
 
 
 def test_not_a_cache_file_is_refused(tmp_path):

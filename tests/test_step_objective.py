@@ -28,11 +28,12 @@ from pvfast.data.synth import generate_corpus
 from pvfast.model.forward import packed_token_logprobs
 from pvfast.model.reference import reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
-from pvfast.objectives.class_balance import attach_class_balance, class_balance_weights
+from pvfast.objectives.class_balance import chosen_annotations, class_balance_table
 from pvfast.objectives.config import ClassBalanceConfig, default_config
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
-from pvfast.objectives.losses import compute_objective, effective_token_weights
+from pvfast.objectives.losses import compute_objective
 from pvfast.objectives.stats import segment_stats_reference
+from pvfast.objectives.weights import token_weights
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups, sft_groups
 from pvfast.testing import activate_lora, load_tiny_model
 from pvfast.train.distributed import DistContext, cleanup, setup_distributed, unwrap, wrap_model
@@ -64,15 +65,15 @@ def _examples():
 
 
 def _groups(tokenizer, objective, config):
+    """(groups, kind, class-balance table by record id or None) of the test records."""
     examples = _examples()
     if objective == "sft":
-        weights = class_balance_weights(examples, config.class_balance) if config.class_balance.enabled else None
-        return sft_groups(examples, tokenizer, config.token_weights, TEMPLATE, example_weights=weights), "sft"
+        table = class_balance_table([e.id for e in examples], examples, config.class_balance)
+        return sft_groups(examples, tokenizer, TEMPLATE), "sft", table
     records = make_preference_records(examples, ConfusionTable.empty(CODES), ConfusionTable.empty(SUBCODES),
                                       PairConfig(seed=1))
-    if config.class_balance.enabled:
-        records = attach_class_balance(records, config.class_balance)
-    return preference_groups(records, tokenizer, config.token_weights, TEMPLATE), "po"
+    table = class_balance_table([r.id for r in records], chosen_annotations(records), config.class_balance)
+    return preference_groups(records, tokenizer, TEMPLATE), "po", table
 
 
 def _packs(groups, kind, splits):
@@ -102,13 +103,13 @@ def _step_grads(model, packs, loss_fn, ctx, autocast_mode="off"):
     return grads, sums
 
 
-def _plain_reference(model, groups, kind, objective, config, dtype=torch.float64):
+def _plain_reference(model, groups, kind, objective, config, table, dtype=torch.float64):
     """Gradient and loss of the full-batch objective in ``dtype``, without the fused op or the loop."""
     model = copy.deepcopy(model).to(dtype)
     (batch,) = make_loss_batches(groups, BUDGET, kind)
     packed = batch.packed
-    weights = effective_token_weights(packed.score_weights.to(dtype), config)
-    tau = getattr(config, "tau", 1.0)
+    weights = token_weights(packed.score_roles, packed.score_diff, config).to(dtype)
+    tau = config.gate_tau
 
     def stats(logp):
         return segment_stats_reference(logp, weights, packed.score_segments, packed.num_segments, tau)
@@ -118,7 +119,10 @@ def _plain_reference(model, groups, kind, objective, config, dtype=torch.float64
         with torch.no_grad(), model.disable_adapter():
             ref = stats(packed_token_logprobs(model, packed))
     policy = stats(packed_token_logprobs(model, packed))
-    example_weights = batch.example_weights.to(dtype) if config.class_balance.enabled else None
+    example_weights = None
+    if table is not None:  # per pair (SFT: per completion), looked up by record id
+        units = range(packed.num_segments) if batch.pairs is None else batch.pairs.chosen.tolist()
+        example_weights = torch.tensor([table[batch.segment_records[m]] for m in units], dtype=dtype)
     out = compute_objective(objective, policy, ref, batch.pairs, example_weights, config)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -135,14 +139,14 @@ def _rel_l2(a: dict, b: dict) -> float:
 def test_step_gradient_is_the_full_batch_objective_whatever_the_pack_split(case):
     objective, config = CASES[case]
     tokenizer = load_tiny_tokenizer("llama")
-    groups, kind = _groups(tokenizer, objective, config)
+    groups, kind, table = _groups(tokenizer, objective, config)
     model = _model()
-    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL)
+    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
     ctx = DistContext(0, 1, 0, CPU, True)
     one, sums_one = _step_grads(model, _packs(groups, kind, 1), loss_fn, ctx)
     three, sums_three = _step_grads(model, _packs(groups, kind, 3), loss_fn, ctx)
-    expected, loss64 = _plain_reference(model, groups, kind, objective, config)
-    _, loss32 = _plain_reference(model, groups, kind, objective, config, torch.float32)
+    expected, loss64 = _plain_reference(model, groups, kind, objective, config, table)
+    _, loss32 = _plain_reference(model, groups, kind, objective, config, table, torch.float32)
 
     assert sorted(one) == sorted(expected) and all(g.abs().sum() > 0 for g in expected.values())
     # "Agree to float32 rounding": summed log-probs of ~-800 carry ~1e-4 of float32 rounding, so gradients of
@@ -160,9 +164,9 @@ def test_a_mean_of_pack_means_would_differ():
     gives another gradient when class balance is on."""
     objective, config = CASES["tabpo_cb"]
     tokenizer = load_tiny_tokenizer("llama")
-    groups, kind = _groups(tokenizer, objective, config)
+    groups, kind, table = _groups(tokenizer, objective, config)
     model = _model()
-    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL)
+    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
     ctx = DistContext(0, 1, 0, CPU, True)
     exact, _ = _step_grads(model, _packs(groups, kind, 1), loss_fn, ctx)
     packs = _packs(groups, kind, 3)
@@ -183,10 +187,10 @@ def _rank_worker(rank: int, port: int, case: str, out_dir: str) -> None:
     ctx = setup_distributed("cpu")
     try:
         objective, config = CASES[case]
-        groups, kind = _groups(load_tiny_tokenizer("llama"), objective, config)
+        groups, kind, table = _groups(load_tiny_tokenizer("llama"), objective, config)
         packs = _packs(groups, kind, 2)  # rank 0: one record, rank 1: the rest (unequal pair counts)
         model = wrap_model(_model(), ctx)
-        loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL)
+        loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
         grads, sums = _step_grads(model, [packs[rank]], loss_fn, ctx)
         torch.save({"grads": grads, "loss": sums["loss"]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -203,12 +207,13 @@ def _free_port() -> int:
 def test_two_rank_step_gradient_equals_the_single_process_step(case, tmp_path):
     objective, config = CASES[case]
     tokenizer = load_tiny_tokenizer("llama")
-    groups, kind = _groups(tokenizer, objective, config)
+    groups, kind, table = _groups(tokenizer, objective, config)
     packs = _packs(groups, kind, 2)
     counts = [b.num_pairs if kind == "po" else b.packed.num_segments for b in packs]
     assert counts[0] != counts[1]  # ranks hold different numbers of units: a mean of rank means would differ
     model = _model()
-    single, sums = _step_grads(model, _packs(groups, kind, 1), FusedTokenPOLoss(objective, config, impl=IMPL),
+    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
+    single, sums = _step_grads(model, _packs(groups, kind, 1), loss_fn,
                                DistContext(0, 1, 0, CPU, True))
     mp.spawn(_rank_worker, args=(_free_port(), case, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -222,9 +227,9 @@ def test_margin_is_exactly_zero_at_step_zero_under_bf16_autocast():
     """Reference (adapters off) and policy (fresh adapter, B = 0) under one bf16 autocast agree to the bit."""
     objective, config = "tabpo", default_config("tabpo")
     tokenizer = load_tiny_tokenizer("llama")
-    groups, kind = _groups(tokenizer, objective, config)
+    groups, kind, table = _groups(tokenizer, objective, config)
     model = load_tiny_model("llama", lora=True)  # B = 0: the policy is the reference
-    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL)
+    loss_fn = FusedTokenPOLoss(objective, config, class_weights=table)  # the trainer's backend (C++ on the CPU)
     ctx = DistContext(0, 1, 0, CPU, True)
     _, sums = _step_grads(model, _packs(groups, kind, 1), loss_fn, ctx, autocast_mode="bf16")
     assert sums["margin"] == 0.0 and sums["reward_chosen"] == 0.0 and sums["reward_rejected"] == 0.0

@@ -10,15 +10,8 @@ from pvfast.data.prompt import build_prompt, render_user_prompt
 from pvfast.data.records import Annotation
 from pvfast.data.roles import ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 from pvfast.data.synth import generate_corpus
-from pvfast.data.tokenization import (
-    _roles_from_offsets,
-    diff_masks,
-    token_weights,
-    tokenize_completion,
-    tokenize_pair_group,
-)
+from pvfast.data.tokenization import _roles_from_offsets, diff_masks, tokenize_completion, tokenize_pair_group
 from pvfast.model.tiny import ARCHS, load_tiny_tokenizer
-from pvfast.objectives.config import TokenWeightConfig
 
 # Hand-written triples: a span ending in punctuation (its token may swallow the closing quote), one
 # with escaped quotes, one with non-ASCII characters (several byte-level tokens per character).
@@ -28,11 +21,6 @@ TRIPLES = (
     Annotation("PartnershipPatient", "Appreciation/Gratitude", "Merci, café ☕ thank you!"),
 )
 INSERTED = Annotation("SDOH", "NeighborhoodAndBuiltEnvironment", "my landlord turned off the heating")
-
-# SPEC §2 defaults written out by hand (not read from TokenWeightConfig): role -> weight.
-SPEC_ROLE_WEIGHT = {ROLE_SCAFFOLD: 1.0, ROLE_CODE: 1.1, ROLE_SUBCODE: 1.2, ROLE_SPAN: 1.1}
-SPEC_W_DIFF = 1.2
-
 
 @pytest.fixture(scope="module", params=ARCHS)
 def tokenizer(request):
@@ -170,25 +158,7 @@ def test_prompt_tokens_are_not_scored(tokenizer):
     roles = tc.full_roles
     assert (roles[: len(tc.prompt_ids)] == ROLE_PROMPT).all()
     assert (roles[len(tc.prompt_ids):] != ROLE_PROMPT).all()
-    w = token_weights(roles, TokenWeightConfig(), diff_mask=np.ones(len(roles), dtype=bool))
-    assert (w[: len(tc.prompt_ids)] == 0).all()
-    assert (w[len(tc.prompt_ids):] >= 1).all()
-
-
-def test_token_weights_match_spec_table():
-    roles = np.array([ROLE_SCAFFOLD, ROLE_CODE, ROLE_SUBCODE, ROLE_SPAN, ROLE_SPAN, ROLE_SCAFFOLD], np.int8)
-    diff = np.array([False, True, False, True, False, True])
-    expected = np.array([SPEC_ROLE_WEIGHT[int(r)] * (SPEC_W_DIFF if d else 1.0) for r, d in zip(roles, diff)])
-    got = token_weights(roles, TokenWeightConfig(), diff)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, rtol=1e-7)
-    # A role weight below the scaffold weight is lifted to it: max(w_scaffold, w_role).
-    low = token_weights(roles, TokenWeightConfig(w_code=0.5, w_diff=2.0))
-    np.testing.assert_allclose(low, [1.0, 1.0, 1.2, 1.1, 1.1, 1.0], rtol=1e-7)
-    with pytest.raises(ValueError, match="unknown role"):
-        token_weights(np.array([7], np.int8), TokenWeightConfig())
-    with pytest.raises(ValueError, match="shape"):
-        token_weights(roles, TokenWeightConfig(), diff[:3])
+    assert set(np.unique(tc.roles).tolist()) <= {ROLE_SCAFFOLD, ROLE_CODE, ROLE_SUBCODE, ROLE_SPAN}
 
 
 def test_diff_masks_hand_worked():
@@ -205,7 +175,7 @@ def test_diff_masks_hand_worked():
 def test_inserted_triple_marks_only_its_tokens(tokenizer):
     chosen_text = serialize(TRIPLES)
     rejected_text = serialize((TRIPLES[0], INSERTED) + TRIPLES[1:])
-    group = tokenize_pair_group(tokenizer, _prompt(tokenizer), chosen_text, [rejected_text], TokenWeightConfig())
+    group = tokenize_pair_group(tokenizer, _prompt(tokenizer), chosen_text, [rejected_text])
     chosen, rejected = group.chosen, group.rejected[0]
     c_mask, r_mask = diff_masks(chosen.completion_ids, rejected.completion_ids)
     assert (c_mask == group.chosen_diff_masks[0]).all() and (r_mask == group.rejected_diff_masks[0]).all()
@@ -222,18 +192,12 @@ def test_inserted_triple_marks_only_its_tokens(tokenizer):
     after = positional[marked[0]:]
     assert after.sum() >= len(after) // 2 > 10
 
-    # Weights: role table, times w_diff on the marked rejected tokens only.
-    expected_rej = [SPEC_ROLE_WEIGHT[int(ro)] * (SPEC_W_DIFF if m else 1.0)
-                    for ro, m in zip(rejected.roles, r_mask)]
-    np.testing.assert_allclose(rejected.weights, expected_rej, rtol=1e-6)
-    np.testing.assert_allclose(chosen.weights, [SPEC_ROLE_WEIGHT[int(ro)] for ro in chosen.roles], rtol=1e-6)
 
-
-def test_label_swap_marks_subcode_tokens_and_chosen_union(tokenizer):
+def test_label_swap_marks_only_subcode_tokens_per_pair(tokenizer):
     swapped = (Annotation("SDOH", "HealthCareAccessAndQuality", TRIPLES[0].span),) + TRIPLES[1:]
     missing = TRIPLES[:2]
     group = tokenize_pair_group(tokenizer, _prompt(tokenizer), serialize(TRIPLES),
-                                [serialize(swapped), serialize(missing)], TokenWeightConfig())
+                                [serialize(swapped), serialize(missing)])
     chosen = group.chosen
     swap_mask, miss_mask = group.chosen_diff_masks
     # the swap differs only inside the first Sub-code value
@@ -242,13 +206,7 @@ def test_label_swap_marks_subcode_tokens_and_chosen_union(tokenizer):
     assert swapped_text in TRIPLES[0].subcode
     # the missing triple marks the chosen tokens of the dropped triple (its span included)
     assert TRIPLES[2].span in tokenizer.decode(chosen.completion_ids[miss_mask].tolist())
-    assert not (swap_mask & miss_mask).any()
-    union = swap_mask | miss_mask
-    expected = [SPEC_ROLE_WEIGHT[int(r)] * (SPEC_W_DIFF if m else 1.0) for r, m in zip(chosen.roles, union)]
-    np.testing.assert_allclose(chosen.weights, expected, rtol=1e-6)
-    for k, mask in enumerate((swap_mask, miss_mask)):
-        per_pair = [SPEC_ROLE_WEIGHT[int(r)] * (SPEC_W_DIFF if m else 1.0) for r, m in zip(chosen.roles, mask)]
-        np.testing.assert_allclose(group.chosen_pair_weights[k], per_pair, rtol=1e-6)
+    assert not (swap_mask & miss_mask).any()  # each pair's mask is its own (the chosen is scored per pair)
     assert all(r.prompt_ids is chosen.prompt_ids for r in group.rejected)
 
 
@@ -261,10 +219,3 @@ def test_slow_tokenizer_is_refused_by_name(tmp_path):
     assert not slow.is_fast
     with pytest.raises(TypeError, match="BertTokenizerLegacy is a slow tokenizer"):
         tokenize_completion(slow, "prompt", '{"results": []}')
-
-
-@pytest.mark.parametrize("field", ["w_scaffold", "w_code", "w_subcode", "w_span", "w_diff"])
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
-def test_token_weight_config_rejects_bad_weights(field, bad):
-    with pytest.raises(ValueError, match=f"TokenWeightConfig.{field} must be a finite number > 0"):
-        TokenWeightConfig(**{field: bad})

@@ -24,7 +24,7 @@ from pvfast.data.io import DataError, load_examples
 from pvfast.data.synth import default_corpus, split_corpus
 from pvfast.model.tiny import tiny_model_dir
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
-from pvfast.train import errors, layout, loop, metrics_log
+from pvfast.train import errors, layout, loop
 from pvfast.train import recipe as train
 
 SYNTHETIC_N = 20
@@ -39,7 +39,7 @@ def tiny_built():
 def tiny_args(root: Path, out: str, steps: int = 4) -> list[str]:
     template = root / "template.txt"
     template.write_text(SHORT_TEMPLATE, encoding="utf-8")
-    return ["--data.synthetic_n", str(SYNTHETIC_N), "--data.template", str(template),
+    return ["--preset", "tiny", "--data.synthetic_n", str(SYNTHETIC_N), "--data.template", str(template),
             "--data.token_budget", "1024", "--optim.max_steps", str(steps), "--run.evaluate", "false",
             "--run.output_dir", str(root / out)]
 
@@ -367,18 +367,21 @@ def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
 
 def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path, capsys):
     """A forgotten --run.resume must not delete a long run: refused (exit 2) unless --run.overwrite."""
-    from pvfast.config.sections import RunConfig
+    from pvfast.config.trainer import load_config
     from pvfast.train.distributed import setup_distributed
 
     old = tmp_path / "checkpoints" / "step-000007"
     old.mkdir(parents=True)
     (old / "COMPLETE").write_text("{}")
     ctx = setup_distributed("cpu")
-    log = metrics_log.MetricsLog(tmp_path, ctx.is_main)
+    cfg = load_config("sft", None, ["--run.output_dir", str(tmp_path), "--run.overwrite", "false"], "tiny")
     with pytest.raises(errors.BadInput, match="--run.resume to continue it, --run.overwrite"):
-        train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path)), ctx, log)
+        train.check_stage("sft", "sft", tmp_path, cfg, ctx, {})
     assert old.is_dir()
-    train._fresh_start(tmp_path, RunConfig(output_dir=str(tmp_path), overwrite=True), ctx, log)
+    cfg = load_config("sft", None, ["--run.output_dir", str(tmp_path), "--run.overwrite", "true"], "tiny")
+    stage = train.check_stage("sft", "sft", tmp_path, cfg, ctx, {})
+    assert old.is_dir()  # checking writes nothing; opening the accepted stage removes them
+    train.open_stage(stage)
     assert not (tmp_path / "checkpoints").exists()
     # Through the entry point: the refusal is an input error, exit 2, before any model is loaded.
     old.mkdir(parents=True)
@@ -386,3 +389,49 @@ def test_fresh_run_never_deletes_earlier_checkpoints_without_overwrite(tmp_path,
     code = train.main(["sft", "--preset", "tiny", "--run.overwrite", "false", "--run.output_dir",
                        str(tmp_path), "--optim.max_steps", "1"])
     assert code == errors.EXIT_BAD_INPUT and old.is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# Bitwise reproducibility: PO on the CPU (issue 9 item 5), resume under torchrun (issue 9 item 4)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_po_is_bitwise_reproducible_uninterrupted_and_resumed(sft_run, tmp_path):
+    # The PO step gathers branch-point hidden states several times (scoring rows); its backward must not add
+    # them in a thread-scheduling order (it did: two runs differed by up to 4e-8 in a third of the values).
+    args = [*_po_args(tmp_path, "po_a", sft_run), "--optim.max_steps", "3"]
+    assert train.main(args) == 0
+    assert train.main([*_po_args(tmp_path, "po_b", sft_run), "--optim.max_steps", "3"]) == 0
+    assert_bitwise_equal(adapter_weights(tmp_path / "po_b"), adapter_weights(tmp_path / "po_a"))
+    split = [*_po_args(tmp_path, "po_split", sft_run), "--optim.max_steps", "3"]
+    assert train.main([*split, "--run.stop_after_steps", "1"]) == 0
+    assert not (tmp_path / "po_split" / layout.ADAPTER_DIR).exists()
+    assert train.main([*split, "--run.resume"]) == 0
+    assert_bitwise_equal(adapter_weights(tmp_path / "po_split"), adapter_weights(tmp_path / "po_a"))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "po_split")]
+    assert losses == [r["loss"] for r in read_metrics(tmp_path / "po_a")]
+
+
+def _torchrun(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pvfast.train", *args]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_and_resumed_ends_with_the_uninterrupted_adapter(tmp_path):
+    # LoRA dropout draws from each rank's own generator, and the ranks' packs differ in size, so their RNG states
+    # differ: a resume must give every rank its own state back (and must not crash on rank 1).
+    full = ["sft", *tiny_args(tmp_path, "ddp_full", steps=3), "--optim.epochs", "2"]
+    proc = _torchrun(tmp_path, full)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = ["sft", *tiny_args(tmp_path, "ddp_split", steps=3), "--optim.epochs", "2"]
+    proc = _torchrun(tmp_path, [*split, "--run.stop_after_steps", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rng = torch.load(tmp_path / "ddp_split" / "checkpoints" / "step-000001" / "rng.pt", weights_only=False)
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch_cpu"], rng[1]["torch_cpu"])
+    proc = _torchrun(tmp_path, [*split, "--run.resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_bitwise_equal(adapter_weights(tmp_path / "ddp_split"), adapter_weights(tmp_path / "ddp_full"))

@@ -86,7 +86,7 @@ def _length_problems(result, kind: str, settings) -> list:
     tokenizer = load_tokenizer(model)
     template = PromptTemplate.from_file(data.template) if data.template is not None else None
     make = sft_groups if kind == "sft" else preference_groups
-    groups = make(result.records, tokenizer, objective.token_weights, template)
+    groups = make(result.records, tokenizer, template)
     return length_problems(groups, data, result)
 
 

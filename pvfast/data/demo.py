@@ -21,7 +21,7 @@ from pvfast.data.codebook import NONE_SUBCODE, PUBLISHED_N_MESSAGES, PUBLISHED_S
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.roles import ROLE_NAMES
 from pvfast.data.synth import write_corpus
-from pvfast.objectives.config import TokenWeightConfig
+from pvfast.objectives.config import TabpoConfig
 
 
 def _common_prefix_length(sequences: list[np.ndarray]) -> int:
@@ -37,9 +37,12 @@ def _common_prefix_length(sequences: list[np.ndarray]) -> int:
 def run_demo(n: int = PUBLISHED_N_MESSAGES, seed: int = 0, out: Path | None = None, arch: str = "qwen2",
              sample: int = 200) -> dict:
     """Run the pipeline and return its statistics (also printed)."""
+    import torch
+
     from pvfast.data.prompt import build_prompt
-    from pvfast.data.tokenization import token_weights, tokenize_completion
+    from pvfast.data.tokenization import tokenize_completion
     from pvfast.model.tiny import load_tiny_tokenizer
+    from pvfast.objectives.weights import token_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(out) if out is not None else Path(tmp)
@@ -59,7 +62,7 @@ def run_demo(n: int = PUBLISHED_N_MESSAGES, seed: int = 0, out: Path | None = No
             print(f"  {label:<36}{counts[label] * PUBLISHED_N_MESSAGES / len(everything):>8.1f}{published:>8}")
 
         tokenizer = load_tiny_tokenizer(arch)
-        cfg = TokenWeightConfig()
+        cfg = TabpoConfig()  # the released weights (roles only: no rejected completion here)
         train = splits["train"][:sample]
         tokenized = [tokenize_completion(tokenizer, build_prompt(tokenizer, e.direction, e.message),
                                          serialize(e.annotations)) for e in train]
@@ -68,7 +71,7 @@ def run_demo(n: int = PUBLISHED_N_MESSAGES, seed: int = 0, out: Path | None = No
         prompt_len = np.array([len(p) for p in prompts])
         completion_len = np.array([len(t.completion_ids) for t in tokenized])
         roles = np.concatenate([t.roles for t in tokenized])
-        weights = np.concatenate([token_weights(t.roles, cfg) for t in tokenized])
+        weights = np.concatenate([token_weights(torch.as_tensor(t.roles), None, cfg).numpy() for t in tokenized])
         role_share = {ROLE_NAMES[r]: float(np.mean(roles == r)) for r in sorted(set(roles.tolist()))}
 
         print(f"\ntokens ({arch} tiny tokenizer, {len(train)} training examples):")

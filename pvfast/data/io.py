@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ class LoadResult(tuple):
     def problem(self, record_id: str, field: str | None, message: str) -> Problem:
         """A problem with the record ``record_id`` found after loading (e.g. its token length), at its line."""
         if self._source is None:
-            return Problem("<records>", None, field, f"record {record_id!r}: {message}")
+            return Problem(f"record {record_id!r}", None, field, message)
         return self._source.problem(self._positions.get(record_id), field, message)
 
     @property
@@ -307,6 +308,7 @@ class _RowCheck:
         self.position = position
         self.problems: list[Problem] = []
         self.normalized: Counter = Counter()  # labels of this row stored canonical (counted if the row is kept)
+        self.unused_weights = 0  # a preference row's legacy "weight" other than 1 (reported once per file)
 
     def add(self, field: str | None, message: str) -> None:
         self.problems.append(self.source.problem(self.position, field, message))
@@ -573,8 +575,10 @@ def _preference_from_pvfast(row: dict, check: _RowCheck, seen: dict[str, int]) -
     weight = _check_weight(row.get("weight", 1.0), check)
     if not check.ok:
         return None
+    if weight != 1.0:
+        check.unused_weights += 1
     return PreferenceRecord(record_id, chosen_text, tuple(rejected_texts), direction=direction,
-                            message=message, prompt=prompt, strategies=tuple(strategies), weight=weight)
+                            message=message, prompt=prompt, strategies=tuple(strategies))
 
 
 def _check_weight(value: Any, check: _RowCheck) -> float | None:
@@ -634,7 +638,10 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False) -> 
     source = _read_source(path)
     seen: dict[str, int] = {}
 
+    unused_weights = 0
+
     def build(rows):
+        nonlocal unused_weights
         group: list[_TrlPair] = []
         for position, row in rows:
             check = _RowCheck(source, position)
@@ -653,10 +660,18 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False) -> 
                 yield position, None, check.problems
             else:
                 yield position, _preference_from_pvfast(row, check, seen), check.problems
+                unused_weights += check.unused_weights
         if group:
             yield _close_trl_group(source, group, seen)
 
-    return _collect(source, build(source.rows), skip_invalid)
+    result = _collect(source, build(source.rows), skip_invalid)
+    if unused_weights:
+        # Files of earlier pvfast versions may carry a per-record "weight" (class balance was attached to
+        # records then): it is still validated, but the objective now computes class-balance weights itself.
+        warnings.warn(f"{source.path}: the 'weight' of {unused_weights} record(s) is not used: class-balance "
+                      f"weights come from the chosen annotations when the objective's class_balance.enabled is "
+                      f"set", stacklevel=2)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ class PreferenceRecord:
 
     Either ``direction`` and ``message`` are set (pvfast builds the prompt with its prompt builder) or
     ``prompt`` holds a ready prompt text (the TRL ``prompt``/``chosen``/``rejected`` layout).
-    ``weight`` is the example weight c_i of class balance (1.0 when class balance is off).
     ``strategies`` names how each rejected completion was made (e.g. "label", "missing", "extra").
     """
 
@@ -68,7 +67,6 @@ class PreferenceRecord:
     message: str | None = None
     prompt: str | None = None
     strategies: tuple[str, ...] = ()
-    weight: float = 1.0
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,5 +93,4 @@ class PreferenceRecord:
         out["rejected"] = list(self.rejected)
         if self.strategies:
             out["strategies"] = list(self.strategies)
-        out["weight"] = self.weight
         return out

@@ -32,12 +32,13 @@ higher weight. A zero-width token (possible when a tokenizer trims whitespace fr
 token if its position lies inside a value range. A token overlapping several value ranges takes the first
 (leftmost) one. The end-of-turn token is scaffold.
 
-Diff weights
-------------
+Diff flags
+----------
 Chosen and rejected are aligned with :class:`difflib.SequenceMatcher` over token ids
 (``autojunk=False``); tokens inside replace/delete/insert opcodes are marked as different on each side.
 An inserted triple marks only its own tokens, not every token after it as a position-wise comparison
-would.
+would. Roles and diff flags are what the tokens *are*; the weights they get are an objective setting
+(:mod:`pvfast.objectives.weights`), applied at loss time.
 """
 
 from __future__ import annotations
@@ -49,23 +50,20 @@ from typing import Sequence
 import numpy as np
 
 from pvfast.data.jsonfmt import value_spans
-from pvfast.data.roles import ROLE_BY_NAME, ROLE_CODE, ROLE_PROMPT, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
-from pvfast.objectives.config import TokenWeightConfig
+from pvfast.data.roles import ROLE_BY_NAME, ROLE_PROMPT, ROLE_SCAFFOLD
 
 
 @dataclass
 class TokenizedCompletion:
-    """One prompt and one completion as token ids, with per-completion-token roles and weights.
+    """One prompt and one completion as token ids, with a role per completion token.
 
     Shapes: ``prompt_ids`` (P,) int64; ``completion_ids`` (C,) int64 (end-of-turn token last);
-    ``roles`` (C,) int8 of ROLE_* ids; ``weights`` (C,) float32, or None until weights are assigned.
-    Prompt tokens are never scored, so only completion tokens carry roles and weights.
+    ``roles`` (C,) int8 of ROLE_* ids. Prompt tokens are never scored, so only completion tokens carry roles.
     """
 
     prompt_ids: np.ndarray
     completion_ids: np.ndarray
     roles: np.ndarray
-    weights: np.ndarray | None = None
 
     @property
     def input_ids(self) -> np.ndarray:
@@ -82,17 +80,15 @@ class TokenizedCompletion:
 class TokenizedPairGroup:
     """One prompt with its chosen completion and k rejected completions (k pairs sharing the prompt).
 
-    ``chosen.weights`` use the union of the chosen-side diff masks over the k alignments: a chosen token
-    gets ``w_diff`` if it differs from *any* rejected completion, so one weight vector serves all k pairs
-    (one chosen segment in a shared-prefix batch). The released training code scores each pair on its
-    own, so its chosen weights differ per pair; ``chosen_pair_weights`` (k, C) holds those, for a loss
-    that wants exact per-pair parity (same log-probs, k weighted sums over the chosen segment).
-    ``rejected[j].weights`` use the rejected-side mask of alignment j.
+    Pair j aligns the chosen completion with rejected j: ``chosen_diff_masks[j]`` marks the chosen tokens that
+    differ from rejected j, ``rejected_diff_masks[j]`` the rejected tokens that differ from the chosen. The
+    released training code scores each pair on its own, so the chosen completion's diff flags (and hence its
+    weights) differ per pair: a loss with exact per-pair parity scores the chosen once per pair, with that
+    pair's mask (the packer gives each copy its own mask; identical tokens still share the trie).
     """
 
     chosen: TokenizedCompletion
     rejected: list[TokenizedCompletion]
-    chosen_pair_weights: np.ndarray
     chosen_diff_masks: list[np.ndarray]  # per pair j: (C,) bool, chosen tokens differing from rejected j
     rejected_diff_masks: list[np.ndarray]  # per pair j: (C_j,) bool, rejected j tokens differing from chosen
 
@@ -166,29 +162,6 @@ def tokenize_completion(
     return TokenizedCompletion(prompt_ids=prompt_ids, completion_ids=completion_ids, roles=roles)
 
 
-def token_weights(roles: np.ndarray, cfg: TokenWeightConfig, diff_mask: np.ndarray | None = None) -> np.ndarray:
-    """(T,) float32 weights: ``cfg.role_weight(role)``, times ``cfg.w_diff`` where ``diff_mask`` is true.
-
-    ``roles`` (T,) ROLE_* ids; ROLE_PROMPT tokens get weight 0 (never scored, even where masked).
-    ``diff_mask`` (T,) bool or None.
-    """
-    roles = np.asarray(roles)
-    by_role = {r: cfg.role_weight(r) for r in (ROLE_SCAFFOLD, ROLE_CODE, ROLE_SUBCODE, ROLE_SPAN)}
-    by_role[ROLE_PROMPT] = 0.0
-    unknown = sorted(set(np.unique(roles).tolist()) - set(by_role))
-    if unknown:
-        raise ValueError(f"token_weights: unknown role id(s) {unknown}")
-    weights = np.zeros(roles.shape, dtype=np.float64)
-    for role, w in by_role.items():
-        weights[roles == role] = w
-    if diff_mask is not None:
-        diff_mask = np.asarray(diff_mask, dtype=bool)
-        if diff_mask.shape != roles.shape:
-            raise ValueError(f"token_weights: diff_mask shape {diff_mask.shape} != roles shape {roles.shape}")
-        weights = np.where(diff_mask, weights * cfg.w_diff, weights)
-    return weights.astype(np.float32)
-
-
 def diff_masks(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(len(chosen),) and (len(rejected),) bool masks of tokens that differ on a token alignment.
 
@@ -212,13 +185,12 @@ def tokenize_pair_group(
     prompt_text: str,
     chosen_text: str,
     rejected_texts: Sequence[str],
-    cfg: TokenWeightConfig,
     end_of_turn: str | None = None,
 ) -> TokenizedPairGroup:
-    """Tokenize one prompt with its chosen and k rejected completions, roles and weights included.
+    """Tokenize one prompt with its chosen and k rejected completions, roles and diff masks included.
 
     Diff masks align each rejected completion with the chosen one (completion tokens only; the shared
-    prompt is never compared). See :class:`TokenizedPairGroup` for how the chosen weights combine k pairs.
+    prompt is never compared). See :class:`TokenizedPairGroup` for how the k pairs score the chosen.
     """
     if not rejected_texts:
         raise ValueError("tokenize_pair_group: needs at least one rejected completion")
@@ -233,8 +205,5 @@ def tokenize_pair_group(
         chosen_mask, rejected_mask = diff_masks(chosen.completion_ids, rej.completion_ids)
         chosen_masks.append(chosen_mask)
         rejected_masks.append(rejected_mask)
-        rej.weights = token_weights(rej.roles, cfg, rejected_mask)
-    chosen.weights = token_weights(chosen.roles, cfg, np.logical_or.reduce(chosen_masks))
-    pair_weights = np.stack([token_weights(chosen.roles, cfg, m) for m in chosen_masks])
-    return TokenizedPairGroup(chosen=chosen, rejected=rejected, chosen_pair_weights=pair_weights,
-                              chosen_diff_masks=chosen_masks, rejected_diff_masks=rejected_masks)
+    return TokenizedPairGroup(chosen=chosen, rejected=rejected, chosen_diff_masks=chosen_masks,
+                              rejected_diff_masks=rejected_masks)

@@ -8,36 +8,40 @@ under ``torch.no_grad`` and in eval mode (no dropout).
 
 Precomputing (``--precompute-ref``): :func:`precompute_reference` scores every batch once before training
 and stores the statistics in one safetensors file; a step then reads them with
-:meth:`ReferenceCache.get` instead of running a reference forward. Entries are keyed by a SHA-256 of the
-batch's content (token ids, tree structure, scoring rows, token weights), so a cache computed from other
-data, another token budget or other token weights has no entry for the batch and is refused with an error;
-the settings that change the statistics without changing the batch (gate threshold τ, the token-weighting
-switch) are stored in the file's metadata and checked on load.
+:meth:`ReferenceCache.get` instead of running a reference forward. An entry's key follows from what the
+statistics depend on: a SHA-256 of the batch's content (token ids, tree structure, scoring rows, token roles
+and diff flags) and a hash of the objective settings that turn them into statistics
+(``ObjectiveConfig.statistics_settings``: gate τ, token weighting and its weights). A cache computed from
+other data, another token budget or other settings has no entry for the batch and is refused with an
+error, never read as a wrong reference.
 
 File layout (safetensors, tensors only)::
 
-    stats/<sha256 of batch content>   (M, 7) float32, rows in the batch's segment order
-    metadata: format, tau, token_weighting, batches
+    stats/<sha256 of batch content>-<settings hash>   (M, 7) float32, rows in the batch's segment order
+    metadata: format, entries
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from pvfast.model.forward import lm_head_weight, packed_forward
+from pvfast.atomic import TMP_PREFIX
+from pvfast.model.forward import final_logit_softcap, lm_head_weight, packed_forward
 from pvfast.model.precision import autocast
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch
 
-CACHE_FORMAT = "pvfast-reference-v1"
+CACHE_FORMAT = "pvfast-reference-v2"  # v2: keys carry the objective settings; v1 files are recomputed
 _HASHED_FIELDS = ("input_ids", "position_ids", "subtree_end", "score_positions", "score_targets",
-                  "score_segments", "score_weights")  # everything the statistics of a row depend on
+                  "score_segments", "score_roles", "score_diff")  # everything the statistics of a row depend on
 
 
 @contextlib.contextmanager
@@ -60,7 +64,8 @@ def frozen_model_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, atten
     """
     with torch.no_grad(), _eval_mode(model):
         hidden = packed_forward(model, batch.packed, attention_mask)
-        return loss_fn.statistics(batch.scoring_rows(hidden), lm_head_weight(model))
+        return loss_fn.statistics(batch.scoring_rows(hidden), lm_head_weight(model, allow_softcap=True),
+                                  softcap=final_logit_softcap(model))
 
 
 def reference_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attention_mask=None) -> torch.Tensor:
@@ -82,7 +87,7 @@ def reference_stats(model, batch: LossBatch, loss_fn: FusedTokenPOLoss, attentio
 
 
 def batch_key(batch: LossBatch) -> str:
-    """SHA-256 (hex) of everything a row's statistics depend on: tokens, tree, scoring rows and weights.
+    """SHA-256 (hex) of a row's content: tokens, tree, scoring rows, roles and diff flags.
 
     Computed once per batch object and kept on it (a copy made by ``LossBatch.to`` keeps it), so a step
     looks its reference up without hashing, or copying device tensors back, again.
@@ -102,51 +107,51 @@ def _content_hash(batch: LossBatch) -> str:
     return digest.hexdigest()
 
 
-def _settings(loss_fn: FusedTokenPOLoss) -> dict[str, str]:
-    """The loss settings that change the statistics of an unchanged batch."""
-    return {"tau": repr(float(loss_fn.tau)), "token_weighting": str(bool(loss_fn.config.token_weighting))}
+def settings_key(loss_fn: FusedTokenPOLoss) -> str:
+    """A short hash of the objective settings that shape the statistics of an unchanged batch (gate τ, token
+    weighting and its weights: ``ObjectiveConfig.statistics_settings``)."""
+    settings = json.dumps(loss_fn.config.statistics_settings(), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def entry_key(batch: LossBatch, loss_fn: FusedTokenPOLoss) -> str:
+    """The cache key of ``batch`` under ``loss_fn``: its content hash and the objective's settings hash."""
+    return f"{batch_key(batch)}-{settings_key(loss_fn)}"
 
 
 class ReferenceCache:
-    """Precomputed reference statistics by batch content (see the module docstring).
+    """Precomputed reference statistics by batch content and objective settings (module docstring).
 
-    ``get(batch) -> (M, 7)`` float32 on the device of the batch's tensors.
+    ``get(batch, loss_fn) -> (M, 7)`` float32; a batch or a setting the cache was not computed for is a
+    clear error, never a wrong reference.
     """
 
-    def __init__(self, stats: dict[str, torch.Tensor], settings: dict[str, str], path: Path | None = None):
+    def __init__(self, stats: dict[str, torch.Tensor], path: Path | None = None):
         self._stats = stats
-        self.settings = settings
         self.path = path
 
     def __len__(self) -> int:
         return len(self._stats)
 
-    def __contains__(self, batch: LossBatch) -> bool:
-        return batch_key(batch) in self._stats
+    def has(self, batch: LossBatch, loss_fn: FusedTokenPOLoss) -> bool:
+        return entry_key(batch, loss_fn) in self._stats
 
-    def get(self, batch: LossBatch, device: torch.device | str | None = None) -> torch.Tensor:
-        """(M, 7) statistics of ``batch`` (pass the CPU batch: its key is hashed once and kept) on ``device``
-        (default: the device of the batch's tensors)."""
-        key = batch_key(batch)
+    def get(self, batch: LossBatch, loss_fn: FusedTokenPOLoss,
+            device: torch.device | str | None = None) -> torch.Tensor:
+        """(M, 7) statistics of ``batch`` (pass the CPU batch: its content is hashed once and kept) under
+        ``loss_fn``'s settings, on ``device`` (default: the device of the batch's tensors)."""
+        key = entry_key(batch, loss_fn)
         stats = self._stats.get(key)
         where = f"reference cache {self.path}" if self.path is not None else "reference cache"
         if stats is None:
             raise KeyError(f"{where} has no entry for this batch ({batch.packed.num_segments} completions, "
                            f"records {list(batch.record_ids[:3])}{'...' if len(batch.record_ids) > 3 else ''}, "
-                           f"content {key[:12]}): it was computed from other data, another token budget or "
-                           f"other token weights; delete it and precompute again")
+                           f"key {key[:12]}...{key[-16:]}): it was computed from other data, another token budget "
+                           f"or other objective settings (token weights, gate τ); delete it and precompute again")
         if stats.shape[0] != batch.packed.num_segments:  # only a corrupted file gets here
             raise ValueError(f"{where}: entry {key[:12]} has {stats.shape[0]} rows for "
                              f"{batch.packed.num_segments} completions")
         return stats.to(batch.packed.input_ids.device if device is None else device)
-
-    def check_settings(self, loss_fn: FusedTokenPOLoss) -> None:
-        """Raise ValueError if the cache was computed under other gate/weighting settings than ``loss_fn``."""
-        expected = _settings(loss_fn)
-        for name, value in expected.items():
-            if self.settings.get(name) != value:
-                raise ValueError(f"reference cache {self.path}: computed with {name}={self.settings.get(name)}, "
-                                 f"but the loss uses {name}={value}; delete it and precompute again")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a temporary file renamed into place)."""
@@ -154,30 +159,31 @@ class ReferenceCache:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
         tensors = {f"stats/{key}": value.detach().cpu().contiguous() for key, value in self._stats.items()}
-        metadata = {"format": CACHE_FORMAT, "batches": str(len(self._stats)), **self.settings}
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "entries": str(len(self._stats))})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.path = path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, loss_fn: FusedTokenPOLoss | None = None) -> ReferenceCache:
-        """Read a cache file; with ``loss_fn`` its settings are checked against the file's."""
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike) -> ReferenceCache:
+        """Read a cache file (ValueError naming the file when it is not one of this format)."""
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path}: not a pvfast reference cache (format {metadata.get('format')!r}, "
-                                 f"expected {CACHE_FORMAT!r})")
-            stats = {name.removeprefix("stats/"): handle.get_tensor(name) for name in handle.keys()}
-        settings = {k: v for k, v in metadata.items() if k not in ("format", "batches")}
-        cache = cls(stats, settings, path)
-        if loss_fn is not None:
-            cache.check_settings(loss_fn)
-        return cache
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != CACHE_FORMAT:
+                    raise ValueError(f"{path}: not a pvfast reference cache of this version (format "
+                                     f"{metadata.get('format')!r}, expected {CACHE_FORMAT!r})")
+                stats = {name.removeprefix("stats/"): handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: unreadable reference cache ({err})") from err
+        return cls(stats, path)
 
 
 def precompute_reference(
@@ -197,7 +203,7 @@ def precompute_reference(
         model: a peft model whose adapters are disabled for scoring (``disable_adapters=True``), or the
             reference model itself (``disable_adapters=False``, scored as it is).
         batches: the training batches (any device; each is moved to ``device`` for scoring).
-        loss_fn: the loss of the run (its token-weighting switch and τ shape the statistics).
+        loss_fn: the loss of the run (its objective settings shape the statistics and are part of the key).
         device: where to score (None: where each batch already is).
         overwrite: replace an existing file that does not cover ``batches``; without it such a file is an
             error (it belongs to other data), and a file that covers every batch is reused as is.
@@ -208,20 +214,25 @@ def precompute_reference(
     """
     path = Path(cache_path)
     batches: Sequence[LossBatch] = list(batches)
+    cache = None
     if path.exists() and not overwrite:
-        cache = ReferenceCache.load(path, loss_fn)
-        missing = sum(batch not in cache for batch in batches)
+        try:
+            cache = ReferenceCache.load(path)
+        except ValueError as err:  # an older format or a damaged file: the reference is derived data
+            warnings.warn(f"{err}; scoring the reference again", stacklevel=2)
+    if cache is not None:
+        missing = sum(not cache.has(batch, loss_fn) for batch in batches)
         if missing:
             raise ValueError(f"{path} exists but has no entry for {missing} of {len(batches)} batches (it was "
-                             f"computed from other data or settings); delete it or pass overwrite=True")
+                             f"computed from other data or objective settings); delete it or pass overwrite=True")
         return cache
     score = reference_stats if disable_adapters else frozen_model_stats
     stats = {}
     for batch in batches:
-        key = batch_key(batch)
+        key = entry_key(batch, loss_fn)
         if key not in stats:  # identical rows (e.g. duplicated records) are scored once
             scored = batch if device is None else batch.to(device)
             with autocast(autocast_mode, scored.packed.input_ids.device):
                 stats[key] = score(model, scored, loss_fn).float().cpu()
-    ReferenceCache(stats, _settings(loss_fn)).save(path)
-    return ReferenceCache.load(path, loss_fn)
+    ReferenceCache(stats).save(path)
+    return ReferenceCache.load(path)

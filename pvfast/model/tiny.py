@@ -3,8 +3,8 @@
 Two causal LMs with the architectures of the published base models, Llama and Qwen2 (random, seeded
 init; about 1.1M parameters for Llama, 0.7M for Qwen2 with tied embeddings), and one byte-level BPE
 tokenizer trained with ``tokenizers`` on pvfast text: the instruction prompt, synthetic messages and
-the canonical JSON completions of their annotations. The tokenizer has ChatML turn markers and a chat template, so prompts, completions and
-token roles go through exactly the code paths real models use.
+the canonical JSON completions of their annotations. The tokenizer has ChatML turn markers and a chat
+template, so prompts, completions and token roles go through exactly the code paths real models use.
 
 Both are saved with ``save_pretrained`` (safetensors) into a cache directory and loaded back through
 ``AutoModelForCausalLM`` / ``AutoTokenizer``::

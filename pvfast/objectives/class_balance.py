@@ -22,7 +22,6 @@ With class balance off (``enabled=False``) every weight is exactly 1.0.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from typing import Sequence, Union
@@ -104,30 +103,36 @@ def class_balance_weights(examples: Sequence[AnnotatedExample], config: ClassBal
     return [min(w / mean, config.cap) for w in capped]
 
 
-def attach_class_balance(
-    records: Sequence[PreferenceRecord],
-    config: ClassBalanceConfig,
-    annotations: Sequence[Sequence[Annotation]] | None = None,
-) -> list[PreferenceRecord]:
-    """Copies of ``records`` with ``weight`` set to their class-balance weight c_i.
+def chosen_annotations(records: Sequence[PreferenceRecord]) -> list[Sequence[Annotation]]:
+    """The chosen annotations of each preference record, parsed from its canonical JSON.
 
-    Each record is one training example (one prompt; its k pairs share c_i). ``annotations`` are the
-    chosen annotations of each record; when omitted they are parsed from ``record.chosen`` (canonical
-    JSON), and a chosen completion that does not parse cleanly is an error.
+    A chosen completion that does not parse cleanly is an error naming the record (never its text).
     """
-    if annotations is None:
-        from pvfast.data.jsonfmt import parse_output  # local: only this path needs the parser
+    from pvfast.data.jsonfmt import parse_output  # local: only this path needs the parser
 
-        annotations = []
-        for record in records:
-            parsed = parse_output(record.chosen)
-            if parsed.errors or not parsed.strict:
-                # Name the record and the problem count only: never echo patient text.
-                raise ValueError(f"preference record {record.id!r}: chosen completion is not clean "
-                                 f"canonical JSON ({parsed.n_format_errors} format error(s), "
-                                 f"strict={parsed.strict}); pass its annotations explicitly")
-            annotations.append(parsed.annotations)
-    elif len(annotations) != len(records):
-        raise ValueError(f"got {len(annotations)} annotation lists for {len(records)} records")
-    weights = class_balance_weights(annotations, config)
-    return [dataclasses.replace(record, weight=w) for record, w in zip(records, weights)]
+    annotations = []
+    for record in records:
+        parsed = parse_output(record.chosen)
+        if parsed.errors or not parsed.strict:
+            raise ValueError(f"preference record {record.id!r}: chosen completion is not clean canonical JSON "
+                             f"({parsed.n_format_errors} format error(s), strict={parsed.strict}); class "
+                             f"balance needs its labels")
+        annotations.append(parsed.annotations)
+    return annotations
+
+
+def class_balance_table(ids: Sequence[str], examples: Sequence[AnnotatedExample],
+                        config: ClassBalanceConfig) -> dict[str, float] | None:
+    """Class-balance weight c_i by record id, for a training set; None when class balance is off.
+
+    The objective looks each pair's (or SFT target's) weight up by the id of its record
+    (:class:`pvfast.objectives.fused_loss.FusedTokenPOLoss` ``class_weights``); with None every c_i is 1.
+    ``ids`` and ``examples`` (gold / chosen annotations) are aligned; a record's k pairs share its c_i.
+    """
+    if len(ids) != len(examples):
+        raise ValueError(f"class_balance_table: {len(ids)} ids for {len(examples)} examples")
+    if len(set(ids)) != len(ids):
+        raise ValueError("class_balance_table: record ids repeat; class-balance weights are looked up by id")
+    if not config.enabled:
+        return None
+    return dict(zip(ids, class_balance_weights(examples, config)))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
+from pvfast.config.checks import require, require_choice
 from pvfast.data.roles import ROLE_CODE, ROLE_NAMES, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 
 SCORES = ("sum", "mean", "weighted_mean")
@@ -39,8 +40,8 @@ class TokenWeightConfig:
     def __post_init__(self) -> None:
         for name in ("w_scaffold", "w_code", "w_subcode", "w_span", "w_diff"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"TokenWeightConfig.{name} must be a finite number > 0, got {value!r}")
+            require(self, name, isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                    "a finite number > 0")
 
     def role_weight(self, role: int) -> float:
         if role == ROLE_SCAFFOLD:
@@ -63,26 +64,19 @@ class ClassBalanceConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
-        if not 0.0 <= self.b < 1.0:
-            raise ValueError(f"ClassBalanceConfig.b must be in [0, 1), got {self.b}")
-        if not self.levels or any(level not in LEVELS for level in self.levels):
-            raise ValueError(f"ClassBalanceConfig.levels must be a non-empty subset of {LEVELS}, "
-                             f"got {self.levels}")
-        if len(set(self.levels)) != len(self.levels):
-            raise ValueError(f"ClassBalanceConfig.levels repeats a level: {self.levels}")
-        if self.combine not in COMBINE_MODES:
-            raise ValueError(f"ClassBalanceConfig.combine must be one of {COMBINE_MODES}, "
-                             f"got {self.combine!r}")
-        if not self.cap >= 1.0:
-            # A cap below 1 would make the renormalised mean-1 weights impossible to respect.
-            raise ValueError(f"ClassBalanceConfig.cap must be >= 1.0, got {self.cap}")
+        require(self, "b", 0.0 <= self.b < 1.0, "in [0, 1)")
+        require(self, "levels", bool(self.levels) and all(level in LEVELS for level in self.levels)
+                and len(set(self.levels)) == len(self.levels), f"a non-empty subset of {LEVELS} without repeats")
+        require_choice(self, "combine", COMBINE_MODES)
+        # A cap below 1 would make the renormalised mean-1 weights impossible to respect.
+        require(self, "cap", self.cap >= 1.0, ">= 1.0")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Settings every objective shares: the TW and CB switches and the token weights they govern."""
 
-    token_weighting: bool = False  # TW: False -> every token weight is 1 (see effective_token_weights)
+    token_weighting: bool = False  # TW: False -> every token weight is 1 (pvfast.objectives.weights)
     token_weights: TokenWeightConfig = TokenWeightConfig()  # role and diff weights used when TW is on
     class_balance: ClassBalanceConfig = ClassBalanceConfig()  # CB: enabled=False -> every c_p = 1
 
@@ -94,16 +88,27 @@ class ObjectiveConfig:
             raise TypeError(f"{type(self).__name__}.class_balance: expected ClassBalanceConfig, "
                             f"got {type(self.class_balance).__name__}")
 
+    @property
+    def gate_tau(self) -> float:
+        """τ of the confidence gate the statistics are computed with. Only TAB-PO reads the gated columns;
+        for the others any threshold serves, and 1.0 (log τ = 0) is used."""
+        return 1.0
+
+    def statistics_settings(self) -> dict[str, object]:
+        """Everything of this config that shapes the (M, 7) statistics of a batch (precomputed reference
+        statistics are keyed by it, :mod:`pvfast.model.reference`): the gate threshold and the token weights."""
+        settings: dict[str, object] = {"gate_tau": self.gate_tau, "token_weighting": self.token_weighting}
+        if self.token_weighting:
+            settings["token_weights"] = dataclasses.asdict(self.token_weights)
+        return settings
+
 
 def _check_positive(config: ObjectiveConfig, name: str) -> None:
-    value = getattr(config, name)
-    if not value > 0:
-        raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {value}")
+    require(config, name, getattr(config, name) > 0, "> 0")
 
 
 def _check_score(config: ObjectiveConfig) -> None:
-    if config.score not in SCORES:
-        raise ValueError(f"{type(config).__name__}.score must be one of {SCORES}, got {config.score!r}")
+    require_choice(config, "score", SCORES)
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,12 @@ class TabpoConfig(ObjectiveConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "beta")
-        log_tau(self.tau)  # raises unless 0 < tau <= 1
-        if not self.barrier_weight >= 0:
-            raise ValueError(f"TabpoConfig.barrier_weight must be >= 0, got {self.barrier_weight}")
+        require(self, "tau", 0.0 < self.tau <= 1.0, "in (0, 1]")
+        require(self, "barrier_weight", self.barrier_weight >= 0, ">= 0")
+
+    @property
+    def gate_tau(self) -> float:
+        return self.tau
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TabpoConfig":
@@ -205,8 +213,7 @@ class DpoPositiveConfig(ObjectiveConfig):
         super().__post_init__()
         _check_positive(self, "beta")
         _check_score(self)
-        if not self.lambda_p >= 0:
-            raise ValueError(f"DpoPositiveConfig.lambda_p must be >= 0, got {self.lambda_p}")
+        require(self, "lambda_p", self.lambda_p >= 0, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -248,8 +255,7 @@ class SftConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.reduction not in SFT_REDUCTIONS:
-            raise ValueError(f"SftConfig.reduction must be one of {SFT_REDUCTIONS}, got {self.reduction!r}")
+        require_choice(self, "reduction", SFT_REDUCTIONS)
 
 
 def _replace(config, **overrides):

@@ -28,10 +28,10 @@ A completion with no scored token scores 0 (the division is guarded, never NaN).
 Usage::
 
     cfg = TabpoConfig.from_preset("released")
-    w = effective_token_weights(token_weights, cfg)          # ones when token weighting is off
-    policy = stats_from_padded(logp, w, mask, cfg.tau)        # or the fused kernel's (M, 7) output
+    w = token_weights(roles, diff, cfg)                       # pvfast.objectives.weights (the TW switch)
+    policy = stats_from_padded(logp, w, mask, cfg.gate_tau)   # or the fused kernel's (M, 7) output
     with torch.no_grad():
-        ref = stats_from_padded(ref_logp, w, mask, cfg.tau)
+        ref = stats_from_padded(ref_logp, w, mask, cfg.gate_tau)
     out = compute_objective("tabpo", policy, ref, pairs, example_weights, cfg)
     out.loss.backward(); log(out.metrics)
 """
@@ -170,7 +170,7 @@ def stats_from_padded(
 
     Args:
         logp: (B, T) log-probs ℓ_t of each completion token (already shifted to the token they score).
-        weights: (B, T) token weights w_t (pass :func:`effective_token_weights` output), or None for ones.
+        weights: (B, T) token weights w_t (:func:`pvfast.objectives.weights.token_weights`), or None for ones.
         mask: (B, T) bool, True where a token is scored.
         tau: confidence threshold of the gate (the objective config's ``tau``).
     Returns:
@@ -262,21 +262,6 @@ def repeat_per_pair(values: torch.Tensor, num_rejected: Sequence[int]) -> torch.
 # --------------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------------
-
-
-def effective_token_weights(weights: torch.Tensor, config: ObjectiveConfig) -> torch.Tensor:
-    """The token weights the statistics must be computed with under ``config`` (the TW switch).
-
-    Callers pass the role/diff weights built from ``config.token_weights``; with token weighting off the
-    objective is defined with every w_t = 1, so this returns ones and the (M, 7) statistics (policy and
-    reference alike) must be computed from them.
-
-    Args:
-        weights: (...,) per-token weights.
-    Returns:
-        ``weights`` itself when ``config.token_weighting`` is on, else ones of the same shape and dtype.
-    """
-    return weights if config.token_weighting else torch.ones_like(weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,11 +412,12 @@ def sft_loss(policy: CompletionStats, targets: torch.Tensor, weights: torch.Tens
     rows = CompletionStats(policy.tensor[targets])
     if config.reduction == "token":
         loss_sum = -(weights * rows.wlogp_sum).sum()
-        normalizer = (weights * rows.weight_sum).sum().detach()
+        normalizer = (weights * rows.weight_sum).sum()  # Σ w is data: no gradient reaches ℓ through it
     else:
         loss_sum = -(weights * rows.weighted_mean()).sum()
-        normalizer = weights.sum().detach()
+        normalizer = weights.sum()
     loss = loss_sum / normalizer
+    normalizer = normalizer.detach()
     with torch.no_grad():
         tokens = rows.count.detach().sum()
         metrics = {
@@ -469,12 +455,9 @@ def objective_spec(name: str) -> ObjectiveSpec:
     return OBJECTIVES[name]
 
 
-def _example_weights(example_weights: torch.Tensor | None, n: int, config: ObjectiveConfig,
-                     like: torch.Tensor, what: str) -> torch.Tensor:
-    if not config.class_balance.enabled:
-        return torch.ones(n, dtype=like.dtype, device=like.device)  # CB off: c = 1 whatever was passed
+def _example_weights(example_weights: torch.Tensor | None, n: int, like: torch.Tensor, what: str) -> torch.Tensor:
     if example_weights is None:
-        raise ValueError("class balance is enabled in the config but no example_weights were passed")
+        return torch.ones(n, dtype=like.dtype, device=like.device)  # c = 1: no class balance
     if example_weights.shape != (n,):
         raise ValueError(f"example_weights: expected shape ({n},) (one per {what}), "
                          f"got {tuple(example_weights.shape)}")
@@ -498,8 +481,9 @@ def compute_objective(
             the reference-free objectives (simpo, sft), which reject a reference.
         pairs: chosen/rejected rows of P pairs. For "sft" the targets are ``pairs.chosen`` (one per pair),
             or every row when ``pairs`` is None.
-        example_weights: (P,) class-balance weight per pair ((M,) per row for "sft" without pairs); used
-            only when ``config.class_balance.enabled``, and then required.
+        example_weights: (P,) class-balance weight c per pair ((M,) per row for "sft" without pairs), or None
+            for c = 1. Computed from the config's class balance by
+            :func:`pvfast.objectives.class_balance.class_balance_table` (the only reader of that setting).
         config: the objective's config; None gives its defaults.
     Returns:
         ObjectiveOutput with a 0-dim loss and detached 0-dim metrics.
@@ -536,11 +520,11 @@ def compute_objective(
             what = "completion"
         else:
             targets, what = pairs.chosen, "pair"
-        weights = _example_weights(example_weights, targets.shape[0], config, policy.tensor, what)
+        weights = _example_weights(example_weights, targets.shape[0], policy.tensor, what)
         return sft_loss(policy, targets, weights, config)
 
     if pairs is None:
         raise ValueError(f"objective {name!r} is pairwise and needs a PairIndex")
-    weights = _example_weights(example_weights, pairs.num_pairs, config, policy.tensor, "pair")
+    weights = _example_weights(example_weights, pairs.num_pairs, policy.tensor, "pair")
     terms = spec.pair_terms(policy, ref, pairs, config)
     return reduce_pair_terms(terms, weights, policy, pairs)

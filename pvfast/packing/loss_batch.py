@@ -3,29 +3,30 @@
 Pipeline::
 
     records ──preference_groups / sft_groups──▶ groups ──make_loss_batches──▶ LossBatch per packed row
-             tokenize, roles and weights,        one CompletionGroup per       pack by token budget,
-             budget check or truncation          record (key: GroupKey)        pairs, example weights
+             tokenize, roles and diff flags,     one CompletionGroup per       pack by token budget,
+             budget check or truncation          record (key: GroupKey)        pairs, record ids
 
 Segment layout of a preference record
 -------------------------------------
 The released training code scores every (chosen, rejected_j) pair on its own, and the chosen completion's
-diff weights depend on which rejected completion it is aligned with. For exact parity a record with k
+diff flags depend on which rejected completion it is aligned with. For exact parity a record with k
 rejected completions becomes one group whose completions are, in this order::
 
     completion j   0            1            2            3            ...  2k-2          2k-1
                    chosen@1     rejected_1   chosen@2     rejected_2   ...  chosen@k      rejected_k
-    weights        pair-1 w(c)  w(r_1)       pair-2 w(c)  w(r_2)       ...  pair-k w(c)   w(r_k)
+    diff flags     c vs r_1     r_1 vs c     c vs r_2     r_2 vs c     ...  c vs r_k      r_k vs c
 
 so pair i (0-based) of the record is (completion 2i, completion 2i+1). The k copies of the chosen tokens
 are one path in the token trie (equal sequences share every node), so the transformer still runs them once;
-only their k scoring rows (the lm_head matmul over the chosen tokens) repeat, each with its pair's weights.
-Inside a packed row, segment m is the m-th completion in group order, so a ``LossBatch``'s ``pairs`` are
-(m, m+1) for every even completion index of each group, and ``example_weights`` repeat the record's
-class-balance weight c_i for each of its k pairs.
+only their k scoring rows (the lm_head matmul over the chosen tokens) repeat, each with its pair's diff
+flags. Inside a packed row, segment m is the m-th completion in group order, so a ``LossBatch``'s ``pairs``
+are (m, m+1) for every even completion index of each group. Every completion carries its record id
+(``segment_records``): the objective looks class-balance weights up by it, so the k pairs of a record share
+its c_i. Batches hold no weights at all: token weights (from roles and diff flags) and example weights are
+the objective's (:mod:`pvfast.objectives.weights`, :mod:`pvfast.objectives.class_balance`).
 
 SFT: one group per example, one completion (the canonical JSON of the gold annotations plus the
-end-of-turn token), role weights without the diff factor; ``pairs`` is None and ``example_weights`` hold
-one weight per completion (``pvfast.objectives.losses.compute_objective("sft", ...)`` reads them that way).
+end-of-turn token), roles without diff flags; ``pairs`` is None (every completion is a target).
 
 Over-long groups
 ----------------
@@ -42,15 +43,15 @@ as a pure function of (seed, epoch), so a run resumes at (epoch, cursor) with ``
 
 Usage (a training step; ``pvfast.model.reference`` holds the reference side)::
 
-    groups = preference_groups(records, tokenizer, TokenWeightConfig(), token_budget=16384)
+    groups = preference_groups(records, tokenizer, token_budget=16384)
     batches = make_loss_batches(groups, 16384, "po")
     log(PackingStats.from_batches(batches, 16384).as_dict())
     for index in epoch_order(len(batches), seed, epoch)[cursor:]:
         batch = batches[index].to(device)
         mask = packed_attention_mask(model, batch.packed)                 # shared by both passes
-        ref = reference_stats(model, batch, loss_fn, mask)               # or cache.get(batch)
+        ref = reference_stats(model, batch, loss_fn, mask)               # or cache.get(batch, loss_fn)
         rows = batch.scoring_rows(packed_forward(model, batch.packed, mask))
-        out = loss_fn(rows, lm_head_weight(model), batch.pairs, ref, batch.example_weights)
+        out = loss_fn(rows, lm_head_weight(model), batch.pairs, ref)          # ObjectiveOutput
 """
 
 from __future__ import annotations
@@ -59,14 +60,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from pvfast.data.jsonfmt import serialize
 from pvfast.data.prompt import PromptTemplate, build_prompt
 from pvfast.data.records import Example, PreferenceRecord
-from pvfast.data.tokenization import token_weights, tokenize_completion, tokenize_pair_group
-from pvfast.objectives.config import TokenWeightConfig
+from pvfast.data.tokenization import tokenize_completion, tokenize_pair_group
 from pvfast.objectives.fused_loss import ScoringRows
 from pvfast.objectives.losses import PairIndex
 from pvfast.packing.tree import CompletionGroup, PackedBatch, group_tree_tokens, pack
@@ -76,14 +75,13 @@ KINDS = ("po", "sft")  # preference optimization (chosen/rejected pairs) | super
 
 @dataclass(frozen=True)
 class GroupKey:
-    """What a group carries into its batch: the record it came from, its kind and its example weight.
+    """What a group carries into its batch: the record it came from and its kind.
 
     ``repr`` is the record id only, so packing errors read "group 3 (key record 'syn-000017') ...".
     """
 
     record_id: str
     kind: str  # "po": completions are [chosen@1, rejected_1, ...]; "sft": every completion is a target
-    example_weight: float = 1.0  # class-balance weight c_i (1.0 when class balance is off)
 
     def __repr__(self) -> str:
         return f"record {self.record_id!r}"
@@ -99,12 +97,6 @@ def _prompt_text(tokenizer, record: PreferenceRecord, template: PromptTemplate |
     if record.prompt is not None:
         return record.prompt
     return build_prompt(tokenizer, record.direction, record.message, template)
-
-
-def _truncated(group: CompletionGroup, cap: int) -> CompletionGroup:
-    """The group with every completion (and its weights) cut to at most ``cap`` tokens."""
-    weights = None if group.weights is None else [w[:cap] for w in group.weights]
-    return CompletionGroup(group.prompt_ids, [c[:cap] for c in group.completions], weights, group.key)
 
 
 def fit_to_budget(group: CompletionGroup, token_budget: int | None, truncate: bool = False) -> CompletionGroup:
@@ -125,16 +117,16 @@ def fit_to_budget(group: CompletionGroup, token_budget: int | None, truncate: bo
             f"{token_budget}")
     if not truncate:
         raise ValueError(f"{what}; raise the budget or truncate completion tails (truncate=True)")
-    if group_tree_tokens(_truncated(group, 1)) > token_budget:
+    if group_tree_tokens(group.truncated(1)) > token_budget:
         raise ValueError(f"{what}; the prompt leaves no room for the completions and is never truncated")
     lo, hi = 1, max(lengths)  # cost(cap=lo) fits, cost(cap=hi) does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if group_tree_tokens(_truncated(group, mid)) <= token_budget:
+        if group_tree_tokens(group.truncated(mid)) <= token_budget:
             lo = mid
         else:
             hi = mid
-    return _truncated(group, lo)
+    return group.truncated(lo)
 
 
 def _describe_lengths(key, lengths: list[int]) -> str:
@@ -147,7 +139,6 @@ def _describe_lengths(key, lengths: list[int]) -> str:
 def preference_groups(
     records: Sequence[PreferenceRecord],
     tokenizer,
-    weight_cfg: TokenWeightConfig,
     template: PromptTemplate | None = None,
     *,
     token_budget: int | None = None,
@@ -160,55 +151,48 @@ def preference_groups(
         records: preference records; the prompt is ``record.prompt`` when set (a ready, chat-formatted text),
             else ``build_prompt(tokenizer, direction, message, template)``.
         tokenizer: a fast tokenizer with a chat template.
-        weight_cfg: role and diff token weights (SPEC §2).
         template: user-prompt template (None: pvfast's default instruction template).
         token_budget: the packing budget; a record whose trie exceeds it is an error (see :func:`fit_to_budget`).
         truncate: cut completion tails of over-long records instead of raising.
         end_of_turn: the token ending an assistant turn (None: the tokenizer's EOS).
     Returns:
-        groups in record order; ``key`` is a :class:`GroupKey` with ``kind="po"`` and ``record.weight``.
+        groups in record order, each with its tokens' roles and diff flags; ``key`` is a :class:`GroupKey`
+        with ``kind="po"``.
     """
     groups = []
     for record in records:
         tokenized = tokenize_pair_group(tokenizer, _prompt_text(tokenizer, record, template), record.chosen,
-                                        record.rejected, weight_cfg, end_of_turn)
-        completions: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
+                                        record.rejected, end_of_turn)
+        completions, roles, diffs = [], [], []
         for j, rejected in enumerate(tokenized.rejected):
             completions += [tokenized.chosen.completion_ids, rejected.completion_ids]
-            weights += [tokenized.chosen_pair_weights[j], rejected.weights]
-        key = GroupKey(record.id, "po", float(record.weight))
-        groups.append(fit_to_budget(CompletionGroup(tokenized.prompt_ids, completions, weights, key),
-                                    token_budget, truncate))
+            roles += [tokenized.chosen.roles, rejected.roles]
+            diffs += [tokenized.chosen_diff_masks[j], tokenized.rejected_diff_masks[j]]
+        group = CompletionGroup(tokenized.prompt_ids, completions, roles, diffs, GroupKey(record.id, "po"))
+        groups.append(fit_to_budget(group, token_budget, truncate))
     return groups
 
 
 def sft_groups(
     examples: Sequence[Example],
     tokenizer,
-    weight_cfg: TokenWeightConfig,
     template: PromptTemplate | None = None,
     *,
-    example_weights: Sequence[float] | None = None,
     token_budget: int | None = None,
     truncate: bool = False,
     end_of_turn: str | None = None,
 ) -> list[CompletionGroup]:
     """One group per example: the prompt and one completion, ``serialize(annotations)`` + end-of-turn.
 
-    Token weights are the role weights of ``weight_cfg`` without the diff factor (there is no rejected
-    completion). ``example_weights``: class-balance c_i per example (None: 1.0 each). Other arguments as
-    in :func:`preference_groups`.
+    The completion's tokens carry their roles and no diff flags (there is no rejected completion). Other
+    arguments as in :func:`preference_groups`.
     """
-    if example_weights is not None and len(example_weights) != len(examples):
-        raise ValueError(f"sft_groups: {len(example_weights)} example weights for {len(examples)} examples")
     groups = []
-    for i, example in enumerate(examples):
+    for example in examples:
         prompt = build_prompt(tokenizer, example.direction, example.message, template)
         tokenized = tokenize_completion(tokenizer, prompt, serialize(example.annotations), end_of_turn)
-        weight = 1.0 if example_weights is None else float(example_weights[i])
-        group = CompletionGroup(tokenized.prompt_ids, [tokenized.completion_ids],
-                                [token_weights(tokenized.roles, weight_cfg)], GroupKey(example.id, "sft", weight))
+        group = CompletionGroup(tokenized.prompt_ids, [tokenized.completion_ids], [tokenized.roles], None,
+                                GroupKey(example.id, "sft"))
         groups.append(fit_to_budget(group, token_budget, truncate))
     return groups
 
@@ -225,14 +209,13 @@ class LossBatch:
     packed: the :class:`PackedBatch` (L tokens, N scored rows, M completions).
     pairs: (P,) chosen/rejected segment rows of each pair (kind "po"); None for "sft" (every segment is a
         target).
-    example_weights: float32 class-balance weights, (P,) one per pair for "po", (M,) one per completion
-        for "sft" (the layout ``compute_objective`` takes).
     kind: "po" or "sft".
+    Token and example weights are not here: the objective makes them from the packed row's roles and diff
+    flags and from each segment's record id (``segment_records``).
     """
 
     packed: PackedBatch
     pairs: PairIndex | None
-    example_weights: torch.Tensor
     kind: str
     content_key: str | None = field(default=None, compare=False)  # set by pvfast.model.reference.batch_key
 
@@ -242,10 +225,14 @@ class LossBatch:
         return 0 if self.pairs is None else self.pairs.num_pairs
 
     @property
+    def segment_records(self) -> tuple[str, ...]:
+        """The record id of each of the M segments (completions)."""
+        return tuple(k.record_id if isinstance(k, GroupKey) else str(k) for k in self.packed.group_keys)
+
+    @property
     def record_ids(self) -> tuple[str, ...]:
         """Ids of the records in the row, in segment order, each once."""
-        keys = [k.record_id if isinstance(k, GroupKey) else str(k) for k in self.packed.group_keys]
-        return tuple(dict.fromkeys(keys))
+        return tuple(dict.fromkeys(self.segment_records))
 
     def scoring_rows(self, hidden: torch.Tensor) -> ScoringRows:
         """Scoring rows of this row's completions from the decoder's last hidden states ``hidden`` (L, H).
@@ -257,22 +244,17 @@ class LossBatch:
                              f"got {tuple(hidden.shape)}")
         packed = self.packed
         return ScoringRows(hidden=hidden[packed.score_positions], targets=packed.score_targets,
-                           weights=packed.score_weights, segment_ids=packed.score_segments,
-                           num_segments=packed.num_segments)
+                           roles=packed.score_roles, diff=packed.score_diff, segment_ids=packed.score_segments,
+                           num_segments=packed.num_segments, segment_records=self.segment_records)
 
     def to(self, device: torch.device | str) -> LossBatch:
-        """A copy with the packed row and example weights on ``device``. ``pairs`` stay on the CPU:
-        ``compute_objective`` checks their bounds there (a check on a GPU would synchronise) and moves them."""
-        return LossBatch(self.packed.to(device), self.pairs, self.example_weights.to(device), self.kind,
-                         self.content_key)
+        """A copy with the packed row on ``device``. ``pairs`` stay on the CPU: ``compute_objective`` checks
+        their bounds there (a check on a GPU would synchronise) and moves them."""
+        return LossBatch(self.packed.to(device), self.pairs, self.kind, self.content_key)
 
 
 def _group_kind(group: CompletionGroup) -> str | None:
     return group.key.kind if isinstance(group.key, GroupKey) else None
-
-
-def _example_weight(group: CompletionGroup) -> float:
-    return group.key.example_weight if isinstance(group.key, GroupKey) else 1.0
 
 
 def _check_groups(groups: Sequence[CompletionGroup], kind: str) -> None:
@@ -288,19 +270,17 @@ def _check_groups(groups: Sequence[CompletionGroup], kind: str) -> None:
                              "group needs [chosen@1, rejected_1, ..., chosen@k, rejected_k] (an even number)")
 
 
-def _loss_batch(packed: PackedBatch, groups: Sequence[CompletionGroup], kind: str) -> LossBatch:
-    """Pairs and example weights of one packed row, read from its ``completion_ids`` (item, j)."""
+def _loss_batch(packed: PackedBatch, kind: str) -> LossBatch:
+    """The pairs of one packed row, read from its ``completion_sources`` (item, j)."""
     if kind == "sft":
-        weights = [_example_weight(groups[item]) for item, _ in packed.completion_ids]
-        return LossBatch(packed, None, torch.tensor(weights, dtype=torch.float32), kind)
-    chosen, rejected, weights = [], [], []
-    for m, (item, j) in enumerate(packed.completion_ids):
+        return LossBatch(packed, None, kind)
+    chosen, rejected = [], []
+    for m, (_, j) in enumerate(packed.completion_sources):
         if j % 2 == 0:  # chosen@(j/2 + 1); its rejected is the next completion of the same group
             chosen.append(m)
             rejected.append(m + 1)
-            weights.append(_example_weight(groups[item]))
     pairs = PairIndex(torch.tensor(chosen, dtype=torch.int64), torch.tensor(rejected, dtype=torch.int64))
-    return LossBatch(packed, pairs, torch.tensor(weights, dtype=torch.float32), kind)
+    return LossBatch(packed, pairs, kind)
 
 
 def make_loss_batches(
@@ -319,7 +299,7 @@ def make_loss_batches(
     """
     _check_groups(groups, kind)
     packed = pack(groups, token_budget, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
-    return [_loss_batch(p, groups, kind) for p in packed]
+    return [_loss_batch(p, kind) for p in packed]
 
 
 def epoch_order(num_batches: int, seed: int, epoch: int) -> list[int]:

@@ -42,7 +42,8 @@ Layout, by example (``pack`` produces exactly this; ``tests/test_packing.py`` as
         score_positions   2   3   2   3   6        the parent token of each completion token
         score_targets    30  31  30  32  40
         score_segments    0   0   1   1   2        completion index m within the pack
-        completion_ids   (0,0) (0,1) (1,0)         (item index, 0 = chosen / j = j-th rejected)
+        score_roles, score_diff                    each scored token's role and diff flag (given by the groups)
+        completion_sources  (0,0) (0,1) (1,0)      (item index, j-th completion of the group)
 
     tokens: 8 packed, 14 unshared (5 + 5 + 4)
 
@@ -78,12 +79,12 @@ op, see :mod:`pvfast.packing.loss_batch`)::
     for batch in batches:
         batch = batch.to(device)
         logp = packed_token_logprobs(model, batch)                        # (N,)
-        weights = effective_token_weights(batch.score_weights, objective_config)   # the TW switch
+        weights = token_weights(batch.score_roles, batch.score_diff, objective_config)   # the objective's
         stats = segment_stats_reference(logp, weights, batch.score_segments,
-                                        batch.num_segments, tau)          # (M, NUM_STATS)
+                                        batch.num_segments, objective_config.gate_tau)   # (M, NUM_STATS)
 
-For preference pairs, give the chosen completion once *per pair*, each copy with that pair's weights
-(``TokenizedPairGroup.chosen_pair_weights``): identical token ids share their trie nodes, so the model still
+For preference pairs, give the chosen completion once *per pair*, each copy with that pair's diff flags
+(``TokenizedPairGroup.chosen_diff_masks``): identical token ids share their trie nodes, so the model still
 computes them once, and every pair is scored exactly as the released code scores it alone.
 """
 
@@ -94,6 +95,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pvfast.data.roles import ROLE_SCAFFOLD
+
 
 @dataclass(frozen=True)
 class CompletionGroup:
@@ -103,13 +106,19 @@ class CompletionGroup:
         prompt_ids: token ids of the prompt (never scored); must be non-empty, its last token predicts the
             first completion token.
         completions: token ids of each completion (scored).
-        weights: per-token weights of each completion (same lengths), or None for all 1.0.
+        roles: the role id (:mod:`pvfast.data.roles`) of every completion token (same lengths), or None for
+            all scaffold.
+        diffs: per completion token, whether it differs from the other side of its preference pair (SPEC §2,
+            on a token alignment), or None for none. Token weights are not data: the objective turns roles
+            and diff flags into weights (:mod:`pvfast.objectives.weights`), so its settings apply without
+            packing again.
         key: caller's name for the group (e.g. a record id), used in errors and carried into the batch.
     """
 
     prompt_ids: Sequence[int]
     completions: Sequence[Sequence[int]]
-    weights: Sequence[Sequence[float]] | None = None
+    roles: Sequence[Sequence[int]] | None = None
+    diffs: Sequence[Sequence[bool]] | None = None
     key: Hashable = None
 
     def validate(self, index: int) -> None:
@@ -119,12 +128,22 @@ class CompletionGroup:
             raise ValueError(f"{name}: prompt_ids is empty; the last prompt token must predict the completion")
         if len(self.completions) == 0:
             raise ValueError(f"{name}: no completions")
-        if self.weights is not None:
-            if len(self.weights) != len(self.completions):
-                raise ValueError(f"{name}: {len(self.weights)} weight lists for {len(self.completions)} completions")
-            for j, (c, w) in enumerate(zip(self.completions, self.weights)):
-                if len(c) != len(w):
-                    raise ValueError(f"{name}: completion {j} has {len(c)} tokens but {len(w)} weights")
+        for what, values in (("role", self.roles), ("diff", self.diffs)):
+            if values is None:
+                continue
+            if len(values) != len(self.completions):
+                raise ValueError(f"{name}: {len(values)} {what} lists for {len(self.completions)} completions")
+            for j, (c, v) in enumerate(zip(self.completions, values)):
+                if len(c) != len(v):
+                    raise ValueError(f"{name}: completion {j} has {len(c)} tokens but {len(v)} {what} flags")
+
+    def truncated(self, cap: int) -> CompletionGroup:
+        """The group with every completion (and its roles and diff flags) cut to at most ``cap`` tokens."""
+        def cut(lists):
+            return None if lists is None else [x[:cap] for x in lists]
+
+        return CompletionGroup(self.prompt_ids, [c[:cap] for c in self.completions], cut(self.roles),
+                               cut(self.diffs), self.key)
 
     def sequences(self) -> list[list[int]]:
         """Full token sequences ``prompt_ids + completion``, one per completion, as lists of Python ints."""
@@ -159,9 +178,11 @@ class PackedBatch:
         score_positions: (N,) int64 index of the token whose hidden state predicts each scored token.
         score_targets:   (N,) int64 the scored token ids.
         score_segments:  (N,) int64 completion index 0..M-1 of each scored token (completion order).
-        score_weights:   (N,) float32 token weights (1.0 where the group has no weights).
+        score_roles:     (N,) int8 role id of each scored token (:mod:`pvfast.data.roles`; scaffold where the
+                         group has no roles).
+        score_diff:      (N,) bool, whether each scored token differs from its pair's other side.
     Metadata:
-        completion_ids:  (item index in ``pack``'s input, j) per completion; j = 0 chosen, j >= 1 rejected.
+        completion_sources:  (item index in ``pack``'s input, j) per completion; j = 0 chosen, j >= 1 rejected.
         group_keys:      the group key of each completion (``CompletionGroup.key``).
         tree_tokens:     trie tokens (L without padding).
         unshared_tokens: Σ over completions of len(prompt) + len(completion).
@@ -174,8 +195,9 @@ class PackedBatch:
     score_positions: torch.Tensor
     score_targets: torch.Tensor
     score_segments: torch.Tensor
-    score_weights: torch.Tensor
-    completion_ids: tuple[tuple[int, int], ...]
+    score_roles: torch.Tensor
+    score_diff: torch.Tensor
+    completion_sources: tuple[tuple[int, int], ...]
     group_keys: tuple[Hashable, ...]
     tree_tokens: int
     unshared_tokens: int
@@ -188,7 +210,7 @@ class PackedBatch:
     @property
     def num_segments(self) -> int:
         """M, the number of completions."""
-        return len(self.completion_ids)
+        return len(self.completion_sources)
 
     @property
     def num_scored(self) -> int:
@@ -407,7 +429,7 @@ def build_packed_batch(
 
     Args:
         groups: the groups of the row; completion m follows group order, then completion order.
-        item_indices: index of each group in the caller's item list (for ``completion_ids``); default 0..G-1.
+        item_indices: index of each group in the caller's item list (for ``completion_sources``); default 0..G-1.
         pad_to_multiple: pad L up to a multiple of this (fixed shapes for compiled kernels). Padding tokens
             are isolated roots: each attends only to itself (no all-masked rows), nothing attends to them.
         pad_id: token id written into padding positions.
@@ -429,19 +451,22 @@ def build_packed_batch(
     node_of += [-1] * pad
     end += list(range(tree_tokens + 1, tree_tokens + pad + 1))
 
-    positions, targets, segments, weights = [], [], [], []
-    completion_ids, keys = [], []
+    positions, targets, segments, roles, diffs = [], [], [], [], []
+    sources, keys = [], []
     for index, group in zip(item_indices, groups):
         p = len(group.prompt_ids)
         for j, seq in enumerate(group.sequences()):
-            m = len(completion_ids)
+            m = len(sources)
             path = tree.path_indices(seq)
             positions.append(path[p - 1:-1])  # token t of the completion is predicted by its parent
             targets.append(torch.tensor(seq[p:], dtype=torch.int64))
             segments.append(torch.full((len(seq) - p,), m, dtype=torch.int64))
-            w = group.weights[j] if group.weights is not None else [1.0] * (len(seq) - p)
-            weights.append(torch.tensor(w, dtype=torch.float32))
-            completion_ids.append((int(index), j))
+            n = len(seq) - p
+            roles.append(torch.as_tensor(group.roles[j] if group.roles is not None else [ROLE_SCAFFOLD] * n,
+                                         dtype=torch.int8))
+            diffs.append(torch.as_tensor(group.diffs[j] if group.diffs is not None else [False] * n,
+                                         dtype=torch.bool))
+            sources.append((int(index), j))
             keys.append(group.key)
     return PackedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64),
@@ -451,8 +476,9 @@ def build_packed_batch(
         score_positions=torch.cat(positions).to(torch.int64),
         score_targets=torch.cat(targets),
         score_segments=torch.cat(segments),
-        score_weights=torch.cat(weights),
-        completion_ids=tuple(completion_ids),
+        score_roles=torch.cat(roles),
+        score_diff=torch.cat(diffs),
+        completion_sources=tuple(sources),
         group_keys=tuple(keys),
         tree_tokens=tree_tokens,
         unshared_tokens=sum(g.unshared_tokens for g in groups),

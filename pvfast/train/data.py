@@ -97,11 +97,6 @@ def load_stage_data(stage: str, data: DataConfig, needs_test: bool) -> StageData
 # Batches: tokenize, check lengths against the budgets, pack
 
 
-def _cap_completions(group: CompletionGroup, max_tokens: int) -> CompletionGroup:
-    weights = None if group.weights is None else [w[:max_tokens] for w in group.weights]
-    return CompletionGroup(group.prompt_ids, [c[:max_tokens] for c in group.completions], weights, group.key)
-
-
 def length_problem(group: CompletionGroup, data: DataConfig) -> tuple[str, str, bool] | None:
     """What is too long in ``group`` for ``data``'s budgets: ``(field, message, truncation_helps)``, or None.
 
@@ -142,7 +137,7 @@ def length_problems(groups: list[CompletionGroup], data: DataConfig, source: Loa
         record_id = getattr(group.key, "record_id", str(group.key))
         field_name, message, _ = found
         problems.append(source.problem(record_id, field_name, message) if source is not None
-                        else Problem("<records>", None, field_name, f"record {record_id!r}: {message}"))
+                        else Problem(f"record {record_id!r}", None, field_name, message))
     return problems
 
 
@@ -161,7 +156,7 @@ def fit_groups(groups: list[CompletionGroup], data: DataConfig, source: LoadResu
     for group in groups:
         capped = group
         if max(len(c) for c in group.completions) > data.max_completion_tokens:
-            capped = _cap_completions(group, data.max_completion_tokens)
+            capped = group.truncated(data.max_completion_tokens)
         capped = fit_to_budget(capped, data.token_budget, data.truncate)
         truncated += any(len(a) != len(b) for a, b in zip(capped.completions, group.completions))
         fitted.append(capped)
@@ -177,6 +172,8 @@ class Packed:
     stats: PackingStats
     records: int
     truncated: int
+    # Class-balance weight by record id (pvfast.objectives.class_balance.class_balance_table); None when off.
+    class_weights: dict[str, float] | None = None
 
     def report(self, log: MetricsLog, token_budget: int) -> None:
         stats = self.stats
@@ -189,13 +186,6 @@ class Packed:
 
 def build_batches(groups, data: DataConfig, kind: str, tokenizer, source: LoadResult | None = None) -> Packed:
     """Fit (or refuse) and pack ``groups``; writes nothing."""
-    log = None
-    if isinstance(source, MetricsLog):  # TRANSITIONAL (old recipe call): removed with the new recipe
-        source, log = None, source
     groups, truncated = fit_groups(groups, data, source)
     batches = make_loss_batches(groups, data.token_budget, kind, pad_id=tokenizer.pad_token_id or 0)
-    packed = Packed(batches, kind, PackingStats.from_batches(batches, data.token_budget), len(groups), truncated)
-    if log is not None:
-        packed.report(log, data.token_budget)
-        return packed.batches
-    return packed
+    return Packed(batches, kind, PackingStats.from_batches(batches, data.token_budget), len(groups), truncated)

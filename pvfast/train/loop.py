@@ -16,7 +16,7 @@ import torch
 
 from pvfast.config.sections import OptimConfig, RunConfig
 from pvfast.config.serialize import config_differences
-from pvfast.model.forward import lm_head_weight, packed_attention_mask
+from pvfast.model.forward import final_logit_softcap, lm_head_weight, packed_attention_mask
 from pvfast.model.precision import autocast
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch, epoch_order
@@ -145,8 +145,8 @@ def accumulate_step(model, local: Sequence[LossBatch], loss_fn: FusedTokenPOLoss
             with autocast(autocast_mode, device):
                 ref = reference(cpu_batch, batch, mask) if reference is not None else None
                 hidden = dist.packed_hidden(model, batch.packed, mask)
-                out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner), batch.pairs, ref,
-                              batch.example_weights)
+                out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(inner, allow_softcap=True), batch.pairs,
+                              ref, softcap=final_logit_softcap(inner))
             loss_sum = out.loss_sum.item()  # one sync per micro-batch: needed to refuse a NaN before it lands
             finite = math.isfinite(loss_sum)
             if ctx.world_size > 1:  # all ranks stop together, or the others wait in the next all-reduce
