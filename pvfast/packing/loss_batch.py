@@ -243,7 +243,10 @@ class LossBatch:
             raise ValueError(f"scoring_rows: expected hidden of shape ({self.packed.num_tokens}, H), "
                              f"got {tuple(hidden.shape)}")
         packed = self.packed
-        return ScoringRows(hidden=hidden[packed.score_positions], targets=packed.score_targets,
+        # index_select, not hidden[positions]: a tree gathers branch points several times, and the backward of
+        # advanced indexing on the CPU adds repeated rows with parallel atomics (order set by thread
+        # scheduling, so PO was not bitwise reproducible); index_select's backward (index_add_) adds in order.
+        return ScoringRows(hidden=hidden.index_select(0, packed.score_positions), targets=packed.score_targets,
                            roles=packed.score_roles, diff=packed.score_diff, segment_ids=packed.score_segments,
                            num_segments=packed.num_segments, segment_records=self.segment_records)
 

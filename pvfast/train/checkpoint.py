@@ -100,6 +100,7 @@ class ResumePoint:
 
     path: Path | None  # None: nothing to resume from
     rejected: tuple[tuple[Path, str], ...]  # (checkpoint, why), newest first
+    state: TrainState | None = None  # the train state of ``path``, as verified
 
     @property
     def step(self) -> int:
@@ -359,11 +360,11 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> ResumePoint:
     rejected = []
     for _, path in reversed(_step_dirs(checkpoints_dir(output_dir))):
         try:
-            verify_checkpoint(path, check_hashes=True)
+            state = verify_checkpoint(path, check_hashes=True)
         except CheckpointError as err:
             rejected.append((path, str(err)))
             continue
-        return ResumePoint(path, tuple(rejected))
+        return ResumePoint(path, tuple(rejected), state)
     return ResumePoint(None, tuple(rejected))
 
 
@@ -516,6 +517,10 @@ def _adapter_weights_path(adapter_dir: Path, adapter_name: str) -> Path:
     return sub / ADAPTER_WEIGHTS_FILE
 
 
+_SHAPE_ADVICE = ("load it with the LoRA settings it was saved with (model.lora_r, model.lora_targets; see the "
+                 "checkpoint's config.json), or start over with --run.overwrite")
+
+
 def load_adapter_weights(adapter_dir: str | os.PathLike, model: torch.nn.Module) -> None:
     """Copy saved LoRA weights (safetensors) into the adapters of an existing ``PeftModel``, in place.
 
@@ -542,14 +547,15 @@ def load_adapter_weights(adapter_dir: str | os.PathLike, model: torch.nn.Module)
         if missing or unexpected:
             raise CheckpointError(
                 f"{weights_path}: adapter {adapter_name!r} does not fit the model: "
-                f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+                f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}; "
+                f"{_SHAPE_ADVICE}"
             )
         wrong_shapes = [k for k in expected if tuple(expected[k].shape) != tuple(saved[k].shape)]
         if wrong_shapes:
             k = wrong_shapes[0]
             raise CheckpointError(
                 f"{weights_path}: {len(wrong_shapes)} adapter tensors have other shapes than the model's, "
-                f"e.g. {k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+                f"e.g. {k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}; {_SHAPE_ADVICE}"
             )
         set_peft_model_state_dict(peft_model, saved, adapter_name=adapter_name)
 

@@ -259,6 +259,16 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out
 
 
+def gather_objects(obj, ctx: DistContext) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects, e.g. RNG states for a
+    checkpoint); ``[obj]`` in a single process."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait until every rank gets here (no-op in a single process)."""
     if not ctx.distributed:

@@ -103,6 +103,11 @@ _WRITE_ADVICE = {
 }
 
 
+def atomic_temporary_free(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is not inside a hidden temporary of :mod:`pvfast.atomic` (``.tmp-*``, ``.trash-*``)."""
+    return not any(part.startswith((".tmp-", ".trash-")) for part in Path(path).parts)
+
+
 def _os_error_in(err: BaseException) -> OSError | None:
     """The OSError behind ``err`` (itself, or its cause/context chain); libraries wrap them."""
     seen = 0
@@ -130,7 +135,8 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         cause = _os_error_in(err)
         if cause is None:
             raise
-        target = cause.filename or path
+        # name the output, not the hidden temporary it was being written into
+        target = cause.filename if cause.filename and atomic_temporary_free(cause.filename) else path
         advice = _WRITE_ADVICE.get(cause.errno, "check the folder and rerun with --run.resume")
         label = f" ({what})" if what else ""
         raise WriteError(cause.errno, f"{target}: cannot write{label}: {os.strerror(cause.errno)}; {advice}; "

@@ -7,33 +7,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from pvfast.config.sections import OptimConfig, RunConfig
-from pvfast.config.serialize import config_differences
+from pvfast.config.sections import OptimConfig
 from pvfast.model.forward import final_logit_softcap, lm_head_weight, packed_attention_mask
 from pvfast.model.precision import autocast
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch, epoch_order
 from pvfast.train import distributed as dist
-from pvfast.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    read_checkpoint_config,
-    save_checkpoint,
-)
-from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss
+from pvfast.train.checkpoint import TrainState, collect_rng_state, load_checkpoint, save_checkpoint
+from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss, NonFiniteUpdate
+from pvfast.train.faults import fault_point
 from pvfast.train.layout import PLOT_FILE
-from pvfast.train.metrics_log import MetricsLog, _peak_memory_mb, plot_curves
-
-# Resolved-config keys that may change between a run and its resumption without a warning.
-_RESUME_KEYS_IGNORED = ("run.resume", "run.stop_after_steps")
+from pvfast.train.metrics_log import _peak_memory_mb, plot_curves
 
 
 @dataclass(frozen=True)
@@ -167,16 +156,68 @@ def accumulate_step(model, local: Sequence[LossBatch], loss_fn: FusedTokenPOLoss
     return sums
 
 
+def _all_finite(tensors, device: torch.device) -> torch.Tensor:
+    """A 0-dim bool tensor: every value of every tensor is finite (computed on the device, no host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True, device=device)
+
+
+def check_update(grads_finite: torch.Tensor, params: Sequence[torch.Tensor], ctx, step_number: int) -> None:
+    """After ``optimizer.step()``: stop (every rank together) when the step's gradients or the updated weights
+    hold a NaN or an infinity. A finite loss does not make a finite update (a huge learning rate overflows the
+    weights), and a checkpoint of such weights would be resumed from as good. One host sync per step."""
+    flags = torch.stack([grads_finite.to(ctx.device), _all_finite((p.detach() for p in params), ctx.device)])
+    flags = flags.float()
+    if ctx.world_size > 1:  # agree, or a rank that stops leaves the others waiting in an all-reduce
+        flags = dist.all_reduce_mean(flags, ctx)
+    grads_ok, weights_ok = (flags == 1.0).tolist()
+    if not grads_ok:
+        raise NonFiniteUpdate(step_number, "gradients")
+    if not weights_ok:
+        raise NonFiniteUpdate(step_number, "weights after the update")
+
+
+def check_resume_plan(batches: Sequence[LossBatch], stage) -> None:
+    """Refuse (BadInput) a checkpoint that was not saved at the start of one of this run's planned steps: it
+    belongs to a run with other data or batching settings. Reads the verified train state; writes nothing."""
+    state = stage.resume.state
+    if state is None:
+        return
+    plan = plan_steps(batches, stage.optim, stage.run.seed, stage.ctx.world_size)
+    if state.step < len(plan) and (plan[state.step].epoch, plan[state.step].cursor) != (state.epoch,
+                                                                                      state.batch_cursor):
+        raise BadInput(f"{stage.resume.path}: saved at epoch {state.epoch}, batch {state.batch_cursor}, which is not "
+                       f"the start of step {state.step} of this run's plan (other data or batching settings); "
+                       f"resume with the settings it was saved with, or start over with --run.overwrite")
+
+
+@contextlib.contextmanager
+def _progress_bar(ctx, total: int, initial: int, title: str):
+    """A tqdm bar on rank 0 (None elsewhere), closed however the block ends."""
+    if not ctx.is_main:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=title, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 @dataclass
 class LoopResult:
     finished: bool  # False: stopped early by run.stop_after_steps (a checkpoint was saved)
     state: TrainState
 
 
-def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
-               reference: Callable[[LossBatch, object], torch.Tensor] | None, optim: OptimConfig, run: RunConfig,
-               out_dir: Path, ctx, config_dict: dict, log: MetricsLog, title: str) -> LoopResult:
-    """Train ``model``'s trainable (LoRA) weights on ``batches``; checkpoints in ``out_dir``.
+def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss, reference: Callable | None,
+               stage) -> LoopResult:
+    """Train ``model``'s trainable (LoRA) weights on ``batches``; checkpoints in ``stage.out_dir``.
+
+    ``stage`` (:class:`pvfast.train.recipe.Stage`) holds the config sections, the rank context, the output
+    folder, the metrics log and the verified checkpoint to resume from.
 
     ``model`` is the (possibly DDP-wrapped, :func:`pvfast.train.distributed.wrap_model`) peft model;
     ``reference(cpu_batch, batch, mask)`` gives the (M, 7) reference statistics of a batch (``cpu_batch`` as
@@ -184,6 +225,7 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
     One optimizer step minimises Σ loss_sum / Σ normalizer over all its micro-batches and ranks
     (:class:`StepTotals`), so its gradient is that of the objective over all its records, however they split.
     """
+    optim, run, ctx, log = stage.optim, stage.run, stage.ctx, stage.log
     inner = dist.unwrap(model)
     device = ctx.device
     params = [p for p in inner.parameters() if p.requires_grad]
@@ -195,78 +237,70 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, optim))
 
     state = TrainState()
-    checkpoint = latest_checkpoint(out_dir) if run.resume else None
-    if checkpoint is not None:
-        diffs = [k for k in config_differences(read_checkpoint_config(checkpoint), config_dict)
-                 if k not in _RESUME_KEYS_IGNORED]
-        if diffs:
-            warnings.warn(f"resuming {checkpoint} with a changed config: {', '.join(diffs)}", stacklevel=2)
-        state = load_checkpoint(checkpoint, inner, optimizer, scheduler, rank=ctx.rank)
-        log.say(f"resumed from {checkpoint} at step {state.step}")
-    if state.step < total and (plan[state.step].epoch, plan[state.step].cursor) != (state.epoch,
-                                                                                      state.batch_cursor):
-        raise BadInput(f"{checkpoint}: saved at epoch {state.epoch}, batch {state.batch_cursor}, which is not the "
-                       f"start of step {state.step} of this run's plan (other data or batching settings)")
+    checkpoint = stage.resume.path  # verified in full by the recipe (pvfast.train.recipe.check_stage)
+    if checkpoint is not None:  # this rank's RNG state; the adapter must fit the model (CheckpointError)
+        state = load_checkpoint(checkpoint, inner, optimizer, scheduler, rank=ctx.rank, check_hashes=False)
+    check_resume_plan(batches, stage)
 
-    progress = None
-    if ctx.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total, initial=state.step, desc=title, dynamic_ncols=True)
     started_at = state.step
     orders: dict[int, list[int]] = {}
     model.train()
-    while state.step < total:
-        step = plan[state.step]
-        if step.epoch not in orders:
-            orders = {step.epoch: dist.shard(epoch_order(len(batches), run.seed, step.epoch), ctx)}
-        local = [batches[i] for i in orders[step.epoch][step.cursor:step.cursor + step.rounds]]
-        tick = time.perf_counter()
-        sums = accumulate_step(model, local, loss_fn, reference, ctx, run.autocast, state.step + 1)
-        tokens = sum(b.packed.tree_tokens for b in local)
-        pairs = sum(b.num_pairs for b in local)
-        grad_norm = None
-        if optim.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - tick
+    with _progress_bar(ctx, total, state.step, stage.title) as progress:
+        while state.step < total:
+            step = plan[state.step]
+            if step.epoch not in orders:
+                orders = {step.epoch: dist.shard(epoch_order(len(batches), run.seed, step.epoch), ctx)}
+            local = [batches[i] for i in orders[step.epoch][step.cursor:step.cursor + step.rounds]]
+            tick = time.perf_counter()
+            sums = accumulate_step(model, local, loss_fn, reference, ctx, run.autocast, state.step + 1)
+            tokens = sum(b.packed.tree_tokens for b in local)
+            pairs = sum(b.num_pairs for b in local)
+            fault_point(f"{stage.name}.step")
+            grad_norm = None
+            if optim.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
+            lr = scheduler.get_last_lr()[0]
+            grads_finite = _all_finite((p.grad for p in params if p.grad is not None), device)
+            optimizer.step()
+            check_update(grads_finite, params, ctx, state.step + 1)  # nothing of a non-finite step is ever saved
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - tick
 
-        state.step += 1
-        state.tokens_seen += tokens * ctx.world_size
-        if state.step < total:
-            state.epoch, state.batch_cursor = plan[state.step].epoch, plan[state.step].cursor
-        else:
-            state.epoch, state.batch_cursor = optim.epochs, 0
-        record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums, "micro_batches": len(local),
-                  "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
-                  "tokens_per_s": tokens * ctx.world_size / elapsed, "pairs_per_s": pairs * ctx.world_size / elapsed,
-                  "peak_mem_mb": _peak_memory_mb(device), "step_time_s": elapsed}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        if state.step % run.log_every == 0 or state.step == total:
-            log.write(record)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "margin", "reward_accuracy",
-                                                                   "gated_fraction", "tokens_per_s", "lr")
-                                  if k in record}, refresh=False)
+            state.step += 1
+            state.tokens_seen += tokens * ctx.world_size
+            if state.step < total:
+                state.epoch, state.batch_cursor = plan[state.step].epoch, plan[state.step].cursor
+            else:
+                state.epoch, state.batch_cursor = optim.epochs, 0
+            record = {"step": state.step, "epoch": step.epoch, "lr": lr, **sums, "micro_batches": len(local),
+                      "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
+                      "tokens_per_s": tokens * ctx.world_size / elapsed,
+                      "pairs_per_s": pairs * ctx.world_size / elapsed,
+                      "peak_mem_mb": _peak_memory_mb(device), "step_time_s": elapsed}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if state.step % run.log_every == 0 or state.step == total:
+                log.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "margin", "reward_accuracy",
+                                                                       "gated_fraction", "tokens_per_s", "lr")
+                                      if k in record}, refresh=False)
 
-        stop_now = run.stop_after_steps is not None and state.step - started_at >= run.stop_after_steps
-        if state.step % run.save_every == 0 or state.step == total or stop_now or STOP.signum is not None:
-            path = save_checkpoint(out_dir, state, inner, optimizer, scheduler, config_dict,
-                                   keep_last=run.keep_last, is_main_process=ctx.is_main)
-            dist.barrier(ctx)
-            if STOP.signum is not None:
-                raise Interrupted(STOP.signum, state.step, path)
-            if stop_now and state.step < total:
-                log.say(f"stopped after {run.stop_after_steps} steps (run.stop_after_steps); checkpoint {path}; "
-                        f"continue with --run.resume")
-                return LoopResult(False, state)
-    if progress is not None:
-        progress.close()
+            stop_now = run.stop_after_steps is not None and state.step - started_at >= run.stop_after_steps
+            if state.step % run.save_every == 0 or state.step == total or stop_now or STOP.signum is not None:
+                rng_states = dist.gather_objects(collect_rng_state(), ctx)  # every rank resumes with its own
+                path = save_checkpoint(stage.out_dir, state, inner, optimizer, scheduler, stage.config_dict,
+                                       keep_last=run.keep_last, is_main_process=ctx.is_main,
+                                       rng_states=rng_states)
+                dist.barrier(ctx)
+                if STOP.signum is not None:
+                    raise Interrupted(STOP.signum, state.step, path)
+                if stop_now and state.step < total:
+                    log.say(f"stopped after {run.stop_after_steps} steps (run.stop_after_steps); checkpoint {path}; "
+                            f"continue with --run.resume")
+                    return LoopResult(False, state)
     if ctx.is_main:
-        plot_curves(log.steps(), log.path.parent / PLOT_FILE, title)
+        plot_curves(log.steps(), log.path.parent / PLOT_FILE, stage.title)
     return LoopResult(True, state)

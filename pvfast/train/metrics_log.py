@@ -57,12 +57,9 @@ class MetricsLog:
     earlier run left, :meth:`start` then opens the log for this run.
     """
 
-    def __init__(self, out_dir: Path, is_main: bool, resume_step: int | None | str = "later"):
+    def __init__(self, out_dir: Path, is_main: bool):
         self.path = out_dir / METRICS_FILE
         self.is_main = is_main
-        if resume_step != "later":  # TRANSITIONAL (old recipe call): start at once; removed with the new recipe
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.start(resume_step)
 
     def check(self) -> list[str]:
         """The existing lines, validated (:func:`read_metrics_lines`); writes nothing."""

@@ -113,7 +113,7 @@ from pvfast.train.layout import (
     REPORT_FILE,
     SFT_MERGED_DIR,
 )
-from pvfast.train.loop import train_loop
+from pvfast.train.loop import check_resume_plan, train_loop
 from pvfast.train.metrics_log import MetricsLog
 
 # Resolved-config keys that may change between a run and its resumption without a warning (a moved run
@@ -255,12 +255,6 @@ def open_stage(stage: Stage, packed: Packed | None = None) -> None:
 # train and save
 
 
-def _interim_train_loop(model, batches, loss_fn, reference, stage: Stage):
-    # TRANSITIONAL: the loop's current signature, until it takes the Stage (after the lead's loop commit)
-    return train_loop(model, batches, loss_fn, reference, stage.optim, stage.run, stage.out_dir, stage.ctx,
-                      stage.config_dict, stage.log, stage.title)
-
-
 def finish_adapter(stage: Stage, model, tokenizer, base_source: str) -> Path:
     """Write the trained adapter (PEFT format) and, with run.merge_adapter, the merged full model; each
     folder atomically."""
@@ -288,7 +282,7 @@ def run_sft(stage: Stage, packed: Packed, tokenizer, objective_config: Objective
     if before_training is not None:
         before_training(model, tokenizer)
     loss_fn = FusedTokenPOLoss("sft", objective_config, class_weights=packed.class_weights)
-    result = _interim_train_loop(dist.wrap_model(model, stage.ctx), packed.batches, loss_fn, None, stage)
+    result = train_loop(dist.wrap_model(model, stage.ctx), packed.batches, loss_fn, None, stage)
     if not result.finished:
         return model, None
     return model, finish_adapter(stage, model, tokenizer, model_source(stage.model))
@@ -365,7 +359,7 @@ def run_po(stage: Stage, data: StageData, po, pairs: PairConfig, sft_adapter: st
         reference = lambda cpu_batch, batch, mask: cache.get(cpu_batch, loss_fn, device=ctx.device)  # noqa: E731
     elif loss_fn.needs_reference:
         reference = lambda cpu_batch, batch, mask: reference_stats(model, batch, loss_fn, mask)  # noqa: E731
-    result = _interim_train_loop(dist.wrap_model(model, ctx), packed.batches, loss_fn, reference, stage)
+    result = train_loop(dist.wrap_model(model, ctx), packed.batches, loss_fn, reference, stage)
     if not result.finished:
         return model, None
     return model, finish_adapter(stage, model, tokenizer, base)
@@ -441,6 +435,9 @@ def run(stage_name: str, cfg, ctx, preset: str | None = None) -> int:
     sft_packed = sft_batches(sft, data, cfg.sft.objective_config, tokenizer) if sft and not sft_done else None
     po_packed = (po_batches(po, data, data.preferences, cfg.po.objective_config, tokenizer)
                  if po and data.preferences is not None else None)
+    for stage, packed in ((sft, sft_packed), (po, po_packed)):
+        if stage is not None and packed is not None:
+            check_resume_plan(packed.batches, stage)  # a checkpoint of other data or batching is refused now
 
     # open: the run is accepted
     if ctx.is_main:
