@@ -108,6 +108,29 @@ def test_tree_attention_equals_dense_mask_float64(heads, kv_heads, window, max_c
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("seed", "block_size", "pad"), [(0, 4, 1), (1, 8, 8), (2, 16, 3), (7, 5, 1), (3, 128, 1)])
+def test_block_mask_from_the_plan_equals_create_block_mask(seed, block_size, pad):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from pvfast.model.attention import tree_block_mask
+    from pvfast.packing.tree import tree_mask_mod
+
+    batch = build_packed_batch(_groups(seed, n_groups=6, instruction=30), pad_to_multiple=pad)
+    plan = TreeAttentionPlan(batch.subtree_end, batch.position_ids, max_chain=7)
+    ours = tree_block_mask(plan, batch.subtree_end, block_size=block_size)
+    length = batch.num_tokens
+    ref = create_block_mask(tree_mask_mod(batch.subtree_end), None, None, length, length, device="cpu",
+                            BLOCK_SIZE=block_size)
+
+    def blocks(number, index):  # the block columns of every block row, as sets
+        return [sorted(index[0, 0, i, :number[0, 0, i]].tolist()) for i in range(number.shape[-1])]
+
+    for name in ("kv", "full_kv", "q", "full_q"):
+        assert blocks(getattr(ours, f"{name}_num_blocks"), getattr(ours, f"{name}_indices")) == \
+            blocks(getattr(ref, f"{name}_num_blocks"), getattr(ref, f"{name}_indices")), name
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+
+
 def test_tree_attention_is_deterministic():
     batch = build_packed_batch(_groups(3))
     plan = TreeAttentionPlan.from_batch(batch)

@@ -204,6 +204,57 @@ class TreeAttentionPlan:
         return part, mask, (empty.to(self.device) if bool(empty.any()) else None)
 
 
+# --------------------------------------------------------------------------------- FlexAttention block masks
+def tree_block_mask(plan: TreeAttentionPlan, subtree_end: torch.Tensor, block_size: int = 128):
+    """FlexAttention ``BlockMask`` of the tree, built from the plan's parts in O(parts + blocks²) on the host.
+
+    ``create_block_mask`` evaluates the mask function on every one of the L² (query, key) pairs (on the GPU, an
+    L x L intermediate: gigabytes at 16k tokens). The plan's parts tile exactly the attended pairs, so the
+    number of attended pairs in each (block_size x block_size) tile is a sum of rectangle and triangle overlaps:
+    a tile with none is skipped, a tile whose pairs are all attended is "full" (no mask function call), the rest
+    are "partial" (``mask_mod`` = :func:`pvfast.packing.tree.tree_mask_mod`). Same relation as
+    ``PackedBatch.block_mask()``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from pvfast.packing.tree import tree_mask_mod
+
+    length = plan.length
+    blocks = -(-length // block_size)
+    starts = torch.arange(blocks, dtype=torch.int64) * block_size
+    stops = (starts + block_size).clamp(max=length)
+
+    def overlap(lo: int, hi: int) -> torch.Tensor:  # tokens of [lo, hi) in each block
+        return (stops.clamp(max=hi) - starts.clamp(min=lo)).clamp(min=0)
+
+    counts = torch.zeros(blocks, blocks, dtype=torch.int64)
+    for part in plan.parts:
+        if not part.causal:
+            counts += overlap(part.q0, part.q1)[:, None] * overlap(part.k0, part.k1)[None, :]
+            continue
+        rows = torch.arange(part.q0, part.q1)  # query q sees keys [q0, q] of the chain piece
+        per_row = ((stops[None, :].clamp(max=rows[:, None] + 1) - starts[None, :].clamp(min=part.q0))
+                   .clamp(min=0))
+        counts.index_add_(0, rows // block_size, per_row)
+    # A tile is full only at the whole block size: like create_block_mask, the ragged last row/column of tiles
+    # (L not a multiple of block_size) stays partial, so the kernel masks its out-of-range positions.
+    full = counts == block_size * block_size
+    partial = (counts > 0) & ~full
+
+    def indices(selected: torch.Tensor):
+        number = selected.sum(1).to(torch.int32)
+        # Selected block columns first (stable), the rest after: the first `number` entries are the blocks.
+        order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+        return number[None, None].contiguous(), order[None, None].contiguous()
+
+    device = subtree_end.device
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+    return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
+                                    BLOCK_SIZE=block_size, mask_mod=tree_mask_mod(subtree_end),
+                                    seq_lengths=(length, length))
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 def _flash_cpu(q, k, v, causal, mask, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,

@@ -42,7 +42,7 @@ import weakref
 
 import torch
 
-from pvfast.model.attention import PLAN_KWARG, TREE_ATTENTION, TreeAttentionPlan
+from pvfast.model.attention import PLAN_KWARG, TREE_ATTENTION, TreeAttentionPlan, tree_block_mask
 from pvfast.model.attention import register as _register_tree_attention
 from pvfast.packing.tree import PackedBatch
 
@@ -230,6 +230,8 @@ def _dense_mask(batch: PackedBatch, impl: str, window: int | None, dtype: torch.
     if impl == "sdpa":
         return batch.attention_mask(window)  # SDPA takes a boolean mask, True = attend
     if impl == "flex_attention":
+        if window is None:  # block classes from the plan's parts: no L x L evaluation of the mask function
+            return tree_block_mask(TreeAttentionPlan.from_batch(batch), batch.subtree_end)
         return batch.block_mask(window=window)
     # Eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere.
     allowed = batch.attention_mask(window)
