@@ -162,12 +162,14 @@ def _tiny(arch: str, lora: bool = False, attn: str = TREE_ATTENTION, gradient_ch
 
 def _separate_logprobs(model, groups):
     """Every completion as its own sequence through the model's full forward (its own masks and head)."""
+    device = next(model.parameters()).device
     out = []
     for g in groups:
         p = len(g.prompt_ids)
         for seq in g.sequences():
-            logits = model(input_ids=torch.tensor([seq])).logits[0].float()
-            out.append(logits[p - 1:-1].log_softmax(-1).gather(-1, torch.tensor(seq[p:])[:, None])[:, 0])
+            logits = model(input_ids=torch.tensor([seq], device=device)).logits[0].float()
+            targets = torch.tensor(seq[p:], device=device)
+            out.append(logits[p - 1:-1].log_softmax(-1).gather(-1, targets[:, None])[:, 0])
     return torch.cat(out)
 
 
@@ -438,3 +440,18 @@ def test_flex_attention_windowed_block_masks_equal_separate_sequences():
         assert all(isinstance(m, BlockMask) for m in mask.values())
         tree = packed_token_logprobs(model, batch, mask)
     torch.testing.assert_close(tree, separate, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [None, _qwen2_windowed], ids=["tiny-llama", "qwen2-windowed"])
+def test_flex_attention_on_cuda_equals_separate_sequences(make):
+    # The GPU path: FlexAttention with the plan's block-sparse BlockMask (per layer type when windows differ).
+    model = (_tiny("llama", attn="sdpa") if make is None else _random_model(make(5), "sdpa")).cuda()
+    groups = _long_groups(9) if make is not None else _groups(13, vocab=97, n_groups=3, instruction=40)
+    (batch,) = pack(groups, token_budget=1024)
+    batch = batch.to("cuda")
+    with torch.no_grad():
+        separate = _separate_logprobs(model, groups)
+        model.set_attn_implementation("flex_attention")
+        tree = packed_token_logprobs(model, batch)
+    torch.testing.assert_close(tree, separate, atol=1e-4, rtol=0)
