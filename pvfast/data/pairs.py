@@ -1,6 +1,6 @@
 """Confusion-aware preference pairs (SPEC §4): mine the SFT model's label confusions, make rejected outputs.
 
-Pipeline (``python -m pvfast.pairs``):
+Pipeline:
 
 1. Greedy predictions of the SFT model on the validation split: generated here with
    :func:`pvfast.model.generation.generate_completions` (``--model``), or read from a ``{"id", "output"}``
@@ -49,15 +49,7 @@ Reproducibility: every draw of (example, strategy, k-th occurrence) uses its own
 ``random.Random(f"{seed}:{example id}:{strategy}:{k}")`` (string seeds hash with SHA-512, independent of
 ``PYTHONHASHSEED``), so a record does not change when other examples or strategies are added or removed.
 
-Run commands::
-
-    python -m pvfast.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
-        --predictions val-preds.jsonl --out data/prefs.jsonl
-    python -m pvfast.pairs --train data/pv-synth/train.jsonl --val data/pv-synth/validation.jsonl \\
-        --model runs/sft-merged --save-predictions val-preds.jsonl --out data/prefs.jsonl \\
-        --strategies label label missing extra --seed 1
-
-Message and span text are never printed.
+The command line is :mod:`pvfast.pairs` (``python -m pvfast.pairs``). Message and span text are never printed.
 """
 
 from __future__ import annotations

@@ -80,7 +80,16 @@ class ObjectiveConfig:
     token_weights: TokenWeightConfig = TokenWeightConfig()  # role and diff weights used when TW is on
     class_balance: ClassBalanceConfig = ClassBalanceConfig()  # CB: enabled=False -> every c_p = 1
 
+    objective: ClassVar[str]  # the registry name (pvfast.objectives.losses registers its terms by it)
+    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
+    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
+
     def __post_init__(self) -> None:
+        # Fields several objectives share are checked once, here.
+        if hasattr(self, "beta"):
+            _check_positive(self, "beta")
+        if hasattr(self, "score"):
+            require_choice(self, "score", SCORES)
         if not isinstance(self.token_weights, TokenWeightConfig):
             raise TypeError(f"{type(self).__name__}.token_weights: expected TokenWeightConfig, "
                             f"got {type(self.token_weights).__name__}")
@@ -107,17 +116,11 @@ def _check_positive(config: ObjectiveConfig, name: str) -> None:
     require(config, name, getattr(config, name) > 0, "> 0")
 
 
-def _check_score(config: ObjectiveConfig) -> None:
-    require_choice(config, "score", SCORES)
-
-
 @dataclass(frozen=True)
 class TabpoConfig(ObjectiveConfig):
     """TAB-PO (SPEC §3). Defaults are the released training code's (preset "released")."""
 
     objective: ClassVar[str] = "tabpo"
-    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
 
     token_weighting: bool = True  # TW switch: s(y) and the barrier use the role/diff token weights
     beta: float = 0.5  # β, inverse temperature of the preference term −log σ(β h)
@@ -130,7 +133,6 @@ class TabpoConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "beta")
         require(self, "tau", 0.0 < self.tau <= 1.0, "in (0, 1]")
         require(self, "barrier_weight", self.barrier_weight >= 0, ">= 0")
 
@@ -151,16 +153,9 @@ class DpoConfig(ObjectiveConfig):
     """DPO: −log σ(β h) on summed log-probs."""
 
     objective: ClassVar[str] = "dpo"
-    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
 
     beta: float = 0.1  # β; 0.1 is TRL's DPOConfig default
     score: str = "sum"  # completion score: "sum" (DPO paper) | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
 
 
 @dataclass(frozen=True)
@@ -168,16 +163,9 @@ class IpoConfig(ObjectiveConfig):
     """IPO: (h − 1/(2β))² on summed log-probs (TRL's ``loss_type="ipo"`` uses score="mean")."""
 
     objective: ClassVar[str] = "ipo"
-    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
 
     beta: float = 0.1  # β (IPO's τ regulariser); 0.1 is TRL's default
     score: str = "sum"  # completion score: "sum" | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
 
 
 @dataclass(frozen=True)
@@ -185,16 +173,9 @@ class CalDpoConfig(ObjectiveConfig):
     """Cal-DPO: −log σ(r_w − r_l) + (r_w − 1/(2β))² + (r_l + 1/(2β))², r = log-ratio to the reference."""
 
     objective: ClassVar[str] = "cal_dpo"
-    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
 
     beta: float = 0.1  # β: sets the calibration targets ±1/(2β) of the chosen / rejected log-ratios
     score: str = "sum"  # completion score: "sum" | "mean" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
 
 
 @dataclass(frozen=True)
@@ -202,8 +183,6 @@ class DpoPositiveConfig(ObjectiveConfig):
     """DPO-Positive (DPOP): −log σ(β(h − λ_p·max(0, −r_w))), penalising a drop of the chosen log-ratio."""
 
     objective: ClassVar[str] = "dpo_positive"
-    needs_reference: ClassVar[bool] = True  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
 
     beta: float = 0.1  # β, as in DPO
     lambda_p: float = 1.0  # λ_p, weight of the chosen-likelihood penalty (SPEC §3)
@@ -211,8 +190,6 @@ class DpoPositiveConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
         require(self, "lambda_p", self.lambda_p >= 0, ">= 0")
 
 
@@ -221,17 +198,11 @@ class SimpoConfig(ObjectiveConfig):
     """SimPO: −log σ(β(s̄_w − s̄_l) − γ) on length-averaged log-probs, no reference."""
 
     objective: ClassVar[str] = "simpo"
-    needs_reference: ClassVar[bool] = False  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = True  # chosen/rejected pairs (False: every completion is a target)
+    needs_reference: ClassVar[bool] = False  # SimPO: length-averaged scores, no reference
 
     beta: float = 2.0  # β; 2.0 as in the SimPO paper (TRL's CPOConfig defaults to 0.1)
     gamma: float = 0.5  # γ, target reward margin (SPEC §3)
     score: str = "mean"  # completion score: "mean" (SimPO paper) | "sum" | "weighted_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive(self, "beta")
-        _check_score(self)
 
 
 SFT_REDUCTIONS = ("token", "sequence")
@@ -247,8 +218,8 @@ class SftConfig(ObjectiveConfig):
     """
 
     objective: ClassVar[str] = "sft"
-    needs_reference: ClassVar[bool] = False  # reference statistics (SPEC §3: the SFT model)
-    pairwise: ClassVar[bool] = False  # chosen/rejected pairs (False: every completion is a target)
+    needs_reference: ClassVar[bool] = False
+    pairwise: ClassVar[bool] = False  # every completion is a target
 
     token_weighting: bool = True  # TW switch: role weights on the target's tokens (no diff: no rejected)
     reduction: str = "token"  # "token" | "sequence", see the class docstring
