@@ -60,10 +60,13 @@ class MetricsLog:
     def __init__(self, out_dir: Path, is_main: bool):
         self.path = out_dir / METRICS_FILE
         self.is_main = is_main
+        self._checked: list[str] | None = None  # what check() read, so start() warns about a torn line once
 
     def check(self) -> list[str]:
         """The existing lines, validated (:func:`read_metrics_lines`); writes nothing."""
-        return read_metrics_lines(self.path) if self.is_main else []
+        if self._checked is None:
+            self._checked = read_metrics_lines(self.path) if self.is_main else []
+        return self._checked
 
     def start(self, resume_step: int | None) -> None:
         """Begin this run's log: a fresh run starts it empty; a resumed one keeps the steps up to
@@ -78,6 +81,7 @@ class MetricsLog:
                     kept.append(line)
         with writing(self.path, "metrics log"):
             atomic.write_lines(self.path, (f"{line}\n" for line in kept))
+        self._checked = None
 
     def write(self, record: dict) -> None:
         if self.is_main:

@@ -39,9 +39,10 @@ PO the adapter is merged into the PO base, so ``po/merged`` is the final SFT + P
 appears whole or not at all (:mod:`pvfast.atomic`): a kill at any moment leaves the previous state plus a hidden
 temporary that the next start removes. A checkpoint never holds a NaN or an infinity.
 
-Resume. ``--run.resume`` continues each stage from its newest good checkpoint (a finished stage is skipped):
-the checkpoints are verified newest first (every file's size and sha256), each rejected one is reported with
-the reason, and when checkpoints exist but none is good the run refuses (exit 4) instead of starting over.
+Resume. ``--run.resume`` continues each stage from its newest good checkpoint (in the pipeline a finished SFT
+stage is skipped): the checkpoints are verified newest first (every file's size and sha256), each rejected one
+is reported with the reason, and when checkpoints exist but none is good the run refuses (exit 4) instead of
+starting over.
 Without ``--run.resume`` a directory holding an earlier run's checkpoints is refused (exit 2) unless
 ``--run.overwrite`` (the ``tiny`` demo preset sets it) removes them. A run folder may be moved between
 invocations. ``--run.stop_after_steps N`` ends an invocation after N optimizer steps with a checkpoint
