@@ -156,7 +156,7 @@ def after_design(n: int, h: int, v: int, elt: int = 2) -> list[KernelCost]:
                                              for c0 in range(0, v, chunk)) + (2 * chunks - 1) * 4 * n * h,
                           calls=chunks))
     out.append(KernelCost("after", "backward (trainable lm_head)", "_linear_weight_grad_kernel", 2 * n * h * v,
-                          sum(grouped_gemm_bytes(min(chunk, v - c0), h, n, bm, bo, g, elt, elt)
+                          sum(grouped_gemm_bytes(min(chunk, v - c0), h, n, bv, bo, g, elt, elt)
                               for c0 in range(0, v, chunk)) + v * h * elt, calls=chunks))
     return out
 

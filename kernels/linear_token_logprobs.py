@@ -66,7 +66,7 @@ DEFAULT_SMS = 132
 MODE_LSE, MODE_PROBS, MODE_DLOGITS = 0, 1, 2
 # The combine kernel is elementwise over (rows × partials) tiles: small tiles keep its int64 pointer
 # arithmetic and fp32 temporaries in registers (no spills at 4 warps on sm_90).
-COMBINE_BLOCK_N = 32
+COMBINE_BLOCK_N = 128 if interpreting() else 32  # the interpreter pays per program, not per element
 COMBINE_BLOCK_P = 32
 
 
@@ -76,10 +76,10 @@ class LinearConfig:
 
     block_n × block_v: logits tile of kernel A (fp32, 64×128 = 32 registers/thread at 8 warps, leaving room
     for its epilogue: 128×128 spills on sm_90); block_h: its K step over H (a multiple of the MMA K of 16).
-    block_m × block_out: the output tile of B (tokens × H) and C (vocabulary × H), a 128×128 fp32
-    accumulator; block_k: the K step of B (vocabulary, divides block_v) and C (tokens). group: row tiles per
-    group of the grouped program order (L2 reuse of the column operand). chunk_bytes bounds the P buffer
-    (N × C in the input dtype); chunk_v fixes C instead (tests).
+    block_m × block_out: the output tile of B (tokens × H), block_v × block_out that of C (vocabulary × H),
+    128×128 fp32 accumulators; block_k: the K step of B (vocabulary, divides block_v) and C (tokens).
+    group: row tiles per group of the grouped program order (L2 reuse of the column operand). chunk_bytes
+    bounds the P buffer (N × C in the input dtype); chunk_v fixes C instead (tests).
     """
 
     block_n: int = 64
@@ -106,6 +106,10 @@ class LinearConfig:
 FP32_CONFIG = LinearConfig(block_n=32, block_v=64, block_h=32, block_m=64, block_k=32, block_out=64, num_warps=4,
                            num_stages=2)
 DEFAULT_CONFIG = LinearConfig()
+# Under the interpreter every tile operation costs ~0.5 ms of Python whatever its size, so CPU runs default to
+# few, large tiles (the GPU tiles are exercised explicitly by tests/test_kernels_triton.py).
+INTERPRETER_CONFIG = LinearConfig(block_n=128, block_v=512, block_h=128, block_m=128, block_k=512, block_out=128,
+                                  num_warps=4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,6 +384,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def default_config(dtype: torch.dtype) -> LinearConfig:
+    if interpreting():
+        return INTERPRETER_CONFIG
     return FP32_CONFIG if dtype == torch.float32 else DEFAULT_CONFIG
 
 
@@ -534,9 +540,9 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             _prob_matmul(dlogits, weight, targets, scratch, scratch[:, None], grad_hidden32, begin, cols,
                          ignore_index, cfg, opts, scaled=False)
         if need_weight_grad:
-            _linear_weight_grad_kernel[(triton.cdiv(cols, cfg.block_m) * triton.cdiv(hid, cfg.block_out),)](
+            _linear_weight_grad_kernel[(triton.cdiv(cols, cfg.block_v) * triton.cdiv(hid, cfg.block_out),)](
                 P_ptr=dlogits, H_ptr=hidden, GradW_ptr=grad_weight, N=n, HID=hid,
                 v_begin=begin, chunk_cols=cols, stride_pn=dlogits.stride(0), stride_hn=hidden.stride(0),
-                stride_gwv=grad_weight.stride(0), BLOCK_V=cfg.block_m, BLOCK_K=cfg.block_k,
+                stride_gwv=grad_weight.stride(0), BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
                 BLOCK_OUT=cfg.block_out, GROUP=cfg.group, **opts)
     return (None if grad_hidden32 is None else grad_hidden32.to(hidden.dtype)), grad_weight

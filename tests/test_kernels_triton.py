@@ -158,7 +158,7 @@ def test_linear_softcap_matches_fp64(dtype_name, trainable):
 def test_linear_default_gpu_tiles(dtype_name):
     """The launch configuration used on the GPU (one chunk here), frozen and trainable."""
     dtype = DTYPES[dtype_name]
-    backend = TritonBackend()
+    backend = TritonBackend(lin.FP32_CONFIG if dtype == torch.float32 else lin.DEFAULT_CONFIG)
     check_linear(backend, 41, 1271, 96, dtype, False, None, seed=23)
     check_linear(backend, 41, 1271, 96, dtype, True, None, seed=24)
 

@@ -20,6 +20,11 @@ Functions of :mod:`pvfast.ops.functions` run over any of them):
 
 Frozen weight: when ``hidden`` needs a gradient and ``weight`` does not (LoRA, QLoRA), every backend
 computes dℓ/dhidden in the forward (4·N·H·V FLOPs per step in all, nothing recomputed in the backward).
+
+Out-of-range indices (a target outside [0, V) that is not ``ignore_index``, a segment id ≥ M): the C++
+backend refuses them, the torch backend raises from indexing, the Triton backend refuses them on CPU tensors
+and, on CUDA, poisons the result with NaN without a host sync (``PVFAST_CHECK_INDICES=1`` makes it refuse
+there too, at one sync per call; see :mod:`pvfast.kernels`).
 """
 
 from __future__ import annotations
