@@ -80,9 +80,9 @@ def run_one(provider: str, cfg: QuickCheckConfig) -> dict:
         from pvfast import _C
 
         def step():
-            logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, -100)
+            logp, lse = _C.linear_token_logprobs_fwd(hidden, weight, targets, -100, 0.0)  # 0.0: no soft-cap
             grad_hidden, grad_weight = _C.linear_token_logprobs_bwd(
-                hidden, weight, targets, lse, grad_logp, -100, cfg.weight_grad)
+                hidden, weight, targets, lse, grad_logp, -100, 0.0, cfg.weight_grad)
             return logp, grad_hidden, grad_weight
     else:
         raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
