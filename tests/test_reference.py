@@ -182,3 +182,22 @@ def test_not_a_cache_file_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a pvfast reference cache"):
         ReferenceCache.load(path)
+
+
+def test_cache_lookup_hashes_each_cpu_batch_once(model, batches, tmp_path, monkeypatch):
+    """A step looks its reference up by the CPU batch: its content is hashed once and kept (a device copy made
+    by LossBatch.to keeps the key), never copied back and hashed again per micro-batch."""
+    import pvfast.model.reference as reference
+
+    cache = precompute_reference(model, batches[:1], LOSS, tmp_path / "ref.safetensors")
+    calls = []
+    real = reference._content_hash
+    monkeypatch.setattr(reference, "_content_hash", lambda batch: calls.append(batch) or real(batch))
+    fresh = dataclasses.replace(batches[0], content_key=None)  # as loaded from disk: never hashed
+    for _ in range(3):  # three epochs over the same pack
+        cache.get(fresh, LOSS)
+    assert len(calls) == 1
+    moved = fresh.to("cpu")
+    assert moved.content_key == fresh.content_key
+    cache.get(moved, LOSS)
+    assert len(calls) == 1
