@@ -146,6 +146,66 @@ def test_po_step_tree_vs_dense_cpu(model_name, result_sink):
         sink.add(**row)
 
 
+LAYER_SUBJECT = "tree_attention_layer"
+LAYER_COLUMNS = ["device", "heads", "kv_heads", "head_dim", "tokens", "attended_fraction", "attention", "rounds",
+                 "threads", "omp_wait_policy", "forward_ms", "forward_backward_ms", "speedup_forward",
+                 "speedup_forward_backward"]
+LAYER_SHAPES = {"smollm2": (9, 3, 64), "tiny": (4, 2, 32)}  # (heads, key/value heads, head dim)
+
+
+@pytest.mark.parametrize("shape", list(LAYER_SHAPES))
+def test_attention_layer_tree_vs_dense_cpu(shape, result_sink):
+    """One attention layer alone on the 8k pack: SDPA with the dense boolean mask (what transformers runs for
+    the dense path: GQA keys repeated, the mask converted per call) vs pvfast_tree; forward and forward+backward."""
+    import torch.nn.functional as F
+
+    from pvfast.model.attention import tree_attention
+
+    heads, kv_heads, dim = LAYER_SHAPES[shape]
+    packed = one_pack().packed
+    length = packed.num_tokens
+    plan = TreeAttentionPlan.from_batch(packed)
+    mask = packed.attention_mask()
+    gen = torch.Generator().manual_seed(0)
+    # transformers' layout: projections viewed as (1, L, heads, D) and transposed
+    q = torch.randn(1, length, heads, dim, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, length, kv_heads, dim, generator=gen).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, length, kv_heads, dim, generator=gen).transpose(1, 2).requires_grad_()
+    upstream = torch.randn(1, heads, length, dim, generator=gen)
+    groups = heads // kv_heads
+
+    def dense():
+        rep = lambda x: x.repeat_interleave(groups, 1)  # noqa: E731
+        return F.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask)
+
+    def tree():
+        return tree_attention(q, k, v, plan)
+
+    rounds = int(os.environ.get("PVFAST_BENCH_ROUNDS", 3))
+    times = {name: ([], []) for name in ("sdpa", TREE_ATTENTION)}
+    for _ in range(rounds):
+        for name, fn in (("sdpa", dense), (TREE_ATTENTION, tree)):
+            with torch.no_grad():
+                start = time.perf_counter()
+                fn()
+                times[name][0].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fn().backward(upstream)
+            times[name][1].append(time.perf_counter() - start)
+            q.grad = k.grad = v.grad = None
+    sink = result_sink(LAYER_SUBJECT, "cpu", LAYER_COLUMNS)
+    for name, (fwd, fwd_bwd) in times.items():
+        row = dict(device="cpu", heads=heads, kv_heads=kv_heads, head_dim=dim, tokens=length,
+                   attended_fraction=plan.pairs / length ** 2, attention=name, rounds=rounds,
+                   threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+                   forward_ms=statistics.median(fwd) * 1e3, forward_backward_ms=statistics.median(fwd_bwd) * 1e3)
+        if name != "sdpa":
+            dense_fwd, dense_fwd_bwd = times["sdpa"]
+            row["speedup_forward"] = statistics.median(d / t for d, t in zip(dense_fwd, fwd))
+            row["speedup_forward_backward"] = statistics.median(d / t for d, t in zip(dense_fwd_bwd, fwd_bwd))
+        sink.add(**row)
+
+
 @pytest.mark.gpu
 def test_po_step_dense_vs_flex_gpu(result_sink):
     """CUDA: the SmolLM2-135M-shaped step in bf16 autocast, dense SDPA mask vs FlexAttention block masks."""
