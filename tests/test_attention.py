@@ -131,6 +131,27 @@ def test_block_mask_from_the_plan_equals_create_block_mask(seed, block_size, pad
     assert torch.equal(ours.to_dense(), ref.to_dense())
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_tree_attention_in_bfloat16(window):
+    # bf16 inputs (autocast on the CPU): the kernel runs in bf16, the merge in fp32; error of bf16 rounding.
+    batch = build_packed_batch(_groups(4), pad_to_multiple=8)
+    plan = TreeAttentionPlan.from_batch(batch)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 6, batch.num_tokens, 16, generator=gen)
+    k, v = (torch.randn(1, 2, batch.num_tokens, 16, generator=gen) for _ in range(2))
+    upstream = torch.randn(1, 6, batch.num_tokens, 16, generator=gen)
+    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    out = tree_attention(*low, plan, sliding_window=window)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, low, upstream.bfloat16())
+    high = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = _dense_attention(*high, tree_attention_mask(batch.subtree_end, batch.position_ids, window))
+    ref_grads = torch.autograd.grad(ref, high, upstream.double())
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=6e-2, rtol=5e-2)
+
+
 def test_tree_attention_is_deterministic():
     batch = build_packed_batch(_groups(3))
     plan = TreeAttentionPlan.from_batch(batch)
