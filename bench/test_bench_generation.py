@@ -1,6 +1,9 @@
 """Greedy generation: pvfast's shared-prefix path vs plain Hugging Face ``generate`` on the full prompts.
 
-    python -m pytest bench/test_bench_generation.py -q
+    OMP_WAIT_POLICY=PASSIVE python -m pytest bench/test_bench_generation.py -q
+
+(``OMP_WAIT_POLICY=PASSIVE`` on a machine shared with other jobs: spinning OpenMP threads slow the many small
+operations of decoding far more than a prefill's large matmuls; the policy is recorded in every row.)
 
 Target (issue 11; a benchmark, not a test: the numbers are recorded, a miss is not a failure): ≥ 5× the
 messages/s of ``generate`` on the CPU with the real ~3.5k-token instruction (pvfast's built-in template).
@@ -33,6 +36,7 @@ The unconstrained pvfast tokens are asserted equal to ``generate``'s, row by row
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -41,8 +45,8 @@ import torch
 
 SUBJECT = "generation_messages_per_s"
 COLUMNS = ["device", "model", "provider", "messages", "batch_size", "prompt_tokens_mean", "shared_prefix_tokens",
-           "max_new_tokens", "new_tokens", "rounds", "median_s", "min_s", "messages_per_s", "tokens_per_s",
-           "speedup_vs_hf", "speedup_vs_hf_min", "same_tokens_as_hf", "target"]
+           "max_new_tokens", "new_tokens", "rounds", "threads", "omp_wait_policy", "median_s", "min_s",
+           "messages_per_s", "tokens_per_s", "speedup_vs_hf", "speedup_vs_hf_min", "same_tokens_as_hf", "target"]
 TARGET = 5.0
 NOISE_STD = 0.3
 # (model, messages, batch size, rounds); 8 is GenerationConfig's default batch size
@@ -141,7 +145,8 @@ def test_generation_messages_per_s(result_sink, name, messages, batch_size, roun
     sink = result_sink(SUBJECT, "cpu", COLUMNS)
     base = dict(device="cpu", model=label, messages=len(examples), batch_size=batch_size,
                 prompt_tokens_mean=statistics.mean(len(p) for p in prompts),
-                shared_prefix_tokens=common_prefix_length(prompts), max_new_tokens=max_new_tokens, rounds=rounds)
+                shared_prefix_tokens=common_prefix_length(prompts), max_new_tokens=max_new_tokens, rounds=rounds,
+                threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
     for provider in runs:
         median = statistics.median(times[provider])
         new = sum(len(t) for t in tokens[provider])

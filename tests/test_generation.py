@@ -102,7 +102,8 @@ def test_shared_prefix_equals_hf_generate(arch, monkeypatch):
                         lambda self, suffixes, n: starts.append((self.prefix.length, len(suffixes))) or
                         original(self, suffixes, n))
     got = generate(model, tokenizer, examples, batch_size=3, max_new_tokens=n_new, constrained=False, progress=False)
-    assert starts == [(common_prefix_length(ids), 3), (common_prefix_length(ids), 2)]  # one prefix, two batches
+    # one prefix for the call: a one-row probe (every layer must run the shared-prefix attention), two batches
+    assert starts == [(common_prefix_length(ids), 1), (common_prefix_length(ids), 3), (common_prefix_length(ids), 2)]
     alone = [_hf_generate(model, tokenizer, [r], n_new)[0] for r in ids]
     assert [g.tokens for g in got] == alone
     assert len({tuple(t) for t in alone}) == 5 and all(len(set(t)) > 3 for t in alone)  # not a repeated token
@@ -196,3 +197,24 @@ def test_generation_restores_training_mode_and_rejects_bad_sizes():
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_completions(model, tokenizer, _examples(1, seed=0), max_new_tokens=0)
     assert generate_completions(model, tokenizer, []) == []
+
+
+def test_unsupported_models_fall_back_to_full_prompts(monkeypatch):
+    """A model whose attention never reaches the shared-prefix function (here: the switch to it is disabled,
+    as for a model that hard-codes its attention) is detected by the probe and generated from the full
+    prompts, with a warning; the tokens are still those of ``generate``."""
+    import contextlib
+
+    from pvfast.model import prefix_cache
+
+    model, tokenizer = _model("qwen2", 0.3), load_tiny_tokenizer("qwen2")
+    examples = _examples(2, seed=5)
+    expected = generate(model, tokenizer, examples, max_new_tokens=6, constrained=False, progress=False)
+    monkeypatch.setattr(prefix_cache, "attention_implementation", lambda model, name: contextlib.nullcontext())
+    with pytest.warns(UserWarning, match="ran in 0 of 2 layers"):
+        got = generate(model, tokenizer, examples, max_new_tokens=6, constrained=False, progress=False)
+    assert [g.tokens for g in got] == [g.tokens for g in expected]
+    monkeypatch.setattr(prefix_cache, "unsupported_reason", lambda model: "a sliding attention window")
+    with pytest.warns(UserWarning, match="sliding attention window"):
+        got = generate(model, tokenizer, examples, max_new_tokens=6, constrained=False, progress=False)
+    assert [g.tokens for g in got] == [g.tokens for g in expected]

@@ -160,37 +160,49 @@ class SharedPrefixRunner:
     """Suffixes after a shared prefix whose KV cache was computed once (:mod:`pvfast.model.prefix_cache`)."""
 
     def __init__(self, model, pad_id: int, prefix_ids: Sequence[int]):
-        from pvfast.model.prefix_cache import PrefixKV
+        from pvfast.model.prefix_cache import PrefixKV, register_attention
 
+        register_attention()
         self.model, self.pad_id = model, pad_id
         self.device = _model_device(model)
         self.cache_arg = _cache_argument(model)
         self.prefix = PrefixKV.compute(model, prefix_ids, self.device, self.cache_arg)
+        self.n_layers = len(self.prefix.keys)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self.mask[:, :self.length],
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from pvfast.model.prefix_cache import ATTENTION_NAME, PREFIX_KWARG, attention_implementation
+
+        with attention_implementation(self.model, ATTENTION_NAME):
+            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                             logits_to_keep=1, **{self.cache_arg: self.cache, PREFIX_KWARG: self.prefix})
         return out.logits[:, -1]
 
     def start(self, suffixes: Sequence[list[int]], max_new_tokens: int) -> torch.Tensor:
-        from pvfast.model.prefix_cache import batch_cache
+        from pvfast.model.prefix_cache import SharedPrefixUnsupported, row_cache
 
         input_ids, mask = _left_pad(suffixes, self.pad_id)
         batch, length = input_ids.shape
-        p = self.prefix.length
-        capacity = p + length + max_new_tokens
-        self.cache = batch_cache(self.prefix, batch, capacity)
-        # mask[b, j]: position j of row b is attended to (prefix and real tokens; 0 on the padding)
-        self.mask = torch.ones((batch, capacity), dtype=torch.long, device=self.device)
-        self.mask[:, p:p + length] = mask.to(self.device)
-        self.length = p + length
-        positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
-        self.next_position = (p + mask.sum(-1)).to(self.device)
-        return self._forward(input_ids.to(self.device), positions.to(self.device))
+        self.cache = row_cache(self.n_layers, length + max_new_tokens)
+        # valid[b, j]: row position j holds a real token (not padding); filled in as tokens are generated
+        self.valid = torch.zeros((batch, length + max_new_tokens), dtype=torch.bool, device=self.device)
+        self.valid[:, :length] = mask.bool().to(self.device)
+        self.length = length
+        positions = self.prefix.length + (mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_position = (self.prefix.length + mask.sum(-1)).to(self.device)
+        causal = torch.ones((length, length), dtype=torch.bool, device=self.device).tril()
+        self.prefix.calls = 0
+        logits = self._forward(input_ids.to(self.device), positions.to(self.device),
+                               self.valid[:, None, None, :length] & causal)  # (B, 1, L, L); prefix always seen
+        if self.prefix.calls != self.n_layers:  # an attention that bypasses transformers' interface
+            raise SharedPrefixUnsupported(f"the shared-prefix attention ran in {self.prefix.calls} of "
+                                          f"{self.n_layers} layers")
+        return logits
 
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        self.valid[:, self.length] = True
         self.length += 1
-        logits = self._forward(torch.tensor(tokens, device=self.device).unsqueeze(1), self.next_position.unsqueeze(1))
+        logits = self._forward(torch.tensor(tokens, device=self.device).unsqueeze(1), self.next_position.unsqueeze(1),
+                               self.valid[:, None, None, :self.length])
         self.next_position = self.next_position + 1
         return logits
 
@@ -198,7 +210,7 @@ class SharedPrefixRunner:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
             layer.batch_select_indices(index)
-        self.mask = self.mask[index]
+        self.valid = self.valid[index]
         self.next_position = self.next_position[index]
 
 
@@ -343,7 +355,9 @@ def _runner(model, pad_id: int, encoded: Sequence[list[int]], shared_prefix: boo
     reason = unsupported_reason(model)
     if reason is None:
         try:
-            return SharedPrefixRunner(model, pad_id, encoded[0][:length]), length
+            runner = SharedPrefixRunner(model, pad_id, encoded[0][:length])
+            runner.start([encoded[0][length:]], 1)  # probe: every layer must run the shared-prefix attention
+            return runner, length
         except SharedPrefixUnsupported as err:
             reason = str(err)
     warnings.warn(f"shared-prefix generation does not support this model ({reason}); generating from the full "

@@ -1,4 +1,4 @@
-"""Shared-prefix KV cache: the instruction's keys and values are computed once and reused by every row.
+"""Shared-prefix KV cache: the instruction's keys and values are computed once and read by every row.
 
 Every pvfast prompt starts with the same ~3.5k-token instruction; only the direction line, the message and
 the generation prompt differ (~50-150 tokens). The prompts of one generation call are split at their longest
@@ -7,31 +7,44 @@ the instruction)::
 
     prompt_b  = [ prefix (P tokens, the same ids in every prompt) | suffix_b ]
 
-    once      the prefix runs through the model             -> per layer K, V of shape (1, Hkv, P, D)
-    a batch   per layer one preallocated buffer (B, Hkv, P + S + max_new_tokens, D):
-                  [ prefix (copied) | left padding | suffix_b | generated tokens ]
-              attention mask (B, P + S + t): 1 on the prefix and the real tokens, 0 on the padding
-              positions P + (index among the row's real suffix tokens), so a row reads as its unpadded prompt
+    once      the prefix runs through the model       -> per layer K, V of shape (1, Hkv, P, D): one copy
+    a batch   per layer a row cache (B, Hkv, S + max_new_tokens, D), preallocated, filled in place:
+                  [ left padding | suffix_b | generated tokens ]
+              positions P + (index among the row's real tokens), so a row reads as its unpadded prompt
 
-The batch then runs through the model's own attention (SDPA, eager, ...) and mask code with this cache
-(:class:`RowLayer` implements transformers' cache-layer interface), exactly as Hugging Face ``generate``
-continues from a cache: the same computation as the full prompt, except that the prefix and the suffix
-are computed in two passes (the order of floating-point sums differs; the generated tokens are tested
-equal to ``generate`` on the full prompts). Each batch pays a memory copy of the prefix instead of a
-~3.5k-token forward per message, and each decoding step writes in place instead of concatenating a new
-cache tensor.
+Attention of a row-b query runs over ``[prefix keys | row-b keys]``: every prefix key is visible (it precedes
+every suffix token), the row keys causally with the padding masked (a 4-D boolean mask over the row part,
+built here and passed through transformers' mask code untouched). :func:`shared_prefix_attention` computes it:
 
-Models whose cache is not one plain key/value tensor pair per layer (sliding windows, linear-attention or
-mixed layers) are refused by :func:`unsupported_reason`; generation then runs the full prompts.
+- decoding (one query per row): the prefix scores of all rows and heads come from one batched matmul
+  against the single prefix copy, the row scores from the row cache, then one softmax over both (log-sum-
+  exp merge in float32). The prefix is read once per step instead of once per row;
+- a batch's prefill (the suffixes): the prefix is expanded to the batch for that one call and the model's
+  SDPA runs over ``[prefix | suffix]``.
+
+It is the attention of the full prompt; only the order of floating-point sums differs (the generated tokens
+are tested equal to Hugging Face ``generate`` on the full prompts). The function is registered with
+transformers' ``AttentionInterface`` as :data:`ATTENTION_NAME`; during a shared-prefix forward the model's
+``config._attn_implementation`` is switched to it (:func:`attention_implementation`) and the prefix rides
+along as the keyword argument :data:`PREFIX_KWARG` (transformers hands extra forward kwargs to the attention
+function). Models this cannot reproduce (sliding windows, soft-capping, attention sinks, mixed layer types,
+an attention that does not go through the interface) are refused (:func:`unsupported_reason`, or
+:class:`SharedPrefixUnsupported` from the first forward); generation then runs the full prompts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+#: Name of the attention function in transformers' AttentionInterface.
+ATTENTION_NAME = "pvfast_shared_prefix"
+#: Keyword argument that carries the :class:`PrefixKV` to the attention function.
+PREFIX_KWARG = "pvfast_prefix"
 
 
 class SharedPrefixUnsupported(RuntimeError):
@@ -65,8 +78,10 @@ def unsupported_reason(model) -> str | None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
         return f"layer types {sorted(set(layer_types))} (only full attention is supported)"
-    if getattr(config, "use_sliding_window", False):
+    if getattr(config, "use_sliding_window", False):  # other windows are checked per call (the kwarg)
         return "a sliding attention window"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping"
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
     return None
@@ -74,16 +89,24 @@ def unsupported_reason(model) -> str | None:
 
 @dataclass
 class PrefixKV:
-    """Per-layer keys and values of the shared prefix: lists of (1, Hkv, P, D) tensors on the model's device."""
+    """Per-layer keys and values of the shared prefix, (1, Hkv, P, D) tensors on the model's device, plus
+    float32 copies laid out for the decoding matmuls: keys transposed (Hkv, D, P), values (Hkv, P, D)."""
 
     length: int
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    keys_t32: list[torch.Tensor] = field(default_factory=list)
+    values32: list[torch.Tensor] = field(default_factory=list)
+    calls: int = 0  # attention calls served (the runner checks that every layer used the function)
+
+    def __post_init__(self) -> None:
+        self.keys_t32 = [k[0].float().transpose(1, 2).contiguous() for k in self.keys]
+        self.values32 = [v[0].float().contiguous() for v in self.values]
 
     @classmethod
     @torch.inference_mode()
     def compute(cls, model, prefix_ids: Sequence[int], device, cache_argument: str = "cache") -> "PrefixKV":
-        """Run the prefix once through ``model`` and keep its cache."""
+        """Run the prefix once through ``model`` (its own attention implementation) and keep its cache."""
         if not prefix_ids:
             raise ValueError("PrefixKV.compute needs at least one prefix token")
         from transformers.cache_utils import DynamicCache
@@ -99,6 +122,94 @@ class PrefixKV:
         return cls(len(prefix_ids), [layer.keys for layer in layers], [layer.values for layer in layers])
 
 
+def _decode_attention(prefix: PrefixKV, layer: int, query, key, value, row_mask, scale: float) -> torch.Tensor:
+    """One query per row over ``[prefix | row]`` (module docstring); returns (B, 1, H, D) in query's dtype.
+
+    query (B, H, 1, D); key, value (B, Hkv, S, D); row_mask (B, 1, 1, S) bool. Query head h reads kv head
+    h // groups, as transformers' ``repeat_kv`` lays them out.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    q = query.float().reshape(batch, kv_heads, groups, dim) * scale
+    qp = q.transpose(0, 1).reshape(kv_heads, batch * groups, dim)
+    sp = torch.bmm(qp, prefix.keys_t32[layer])  # (Hkv, B*g, P): all rows against the one prefix copy
+    sr = torch.matmul(q, key.float().transpose(-1, -2))  # (B, Hkv, g, S)
+    sr = sr.masked_fill(~row_mask.reshape(batch, 1, 1, length), float("-inf"))
+    mp = sp.amax(-1).reshape(kv_heads, batch, groups).transpose(0, 1)  # (B, Hkv, g)
+    m = torch.maximum(mp, sr.amax(-1))  # finite: every query sees the prefix
+    ep = torch.exp(sp - m.transpose(0, 1).reshape(kv_heads, batch * groups, 1))
+    er = torch.exp(sr - m.unsqueeze(-1))
+    denom = ep.sum(-1).reshape(kv_heads, batch, groups).transpose(0, 1) + er.sum(-1)
+    op = torch.bmm(ep, prefix.values32[layer]).reshape(kv_heads, batch, groups, dim).transpose(0, 1)
+    out = (op + torch.matmul(er, value.float())) / denom.unsqueeze(-1)  # (B, Hkv, g, D)
+    return out.reshape(batch, 1, heads, dim).to(query.dtype)
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    """Attention over ``[shared prefix | row keys]`` (module docstring), with transformers' signature.
+
+    query (B, H, Q, D); key, value (B, Hkv, S, D), the row part only; attention_mask (B, 1, Q, S) bool over
+    the row part, True = may attend; the prefix comes in ``kwargs[PREFIX_KWARG]``. Returns
+    ((B, Q, H, D), None) like transformers' own attention functions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    prefix: PrefixKV | None = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is None:  # not a shared-prefix call: plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise SharedPrefixUnsupported("soft-capped attention or attention sinks")
+    window = kwargs.get("sliding_window")
+    if window is not None and prefix.length + key.shape[2] > window:
+        raise SharedPrefixUnsupported(f"a sliding window of {window} tokens")
+    layer = module.layer_idx
+    prefix.calls += 1
+    batch, _, queries, dim = query.shape
+    if queries == 1:
+        scale = scaling if scaling is not None else dim ** -0.5
+        return _decode_attention(prefix, layer, query, key, value, attention_mask, scale), None
+    # prefill of a batch's suffixes: the prefix expanded for this one call, then the model's SDPA
+    keys = torch.cat([prefix.keys[layer].expand(batch, -1, -1, -1), key], dim=2)
+    values = torch.cat([prefix.values[layer].expand(batch, -1, -1, -1), value], dim=2)
+    visible = torch.ones((batch, 1, queries, prefix.length), dtype=torch.bool, device=query.device)
+    mask = torch.cat([visible, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, keys, values, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register :func:`shared_prefix_attention` with transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+        _registered = True
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Switch ``model``'s attention implementation to ``name`` for the duration of the block."""
+    configs = []
+    for config in (model.config, _text_config(model)):
+        if all(config is not c for c in configs):
+            configs.append(config)
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, old in zip(configs, saved):
+            c._attn_implementation = old
+
+
 def _dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
@@ -110,28 +221,28 @@ def _row_layer_class():
     DynamicLayer = _dynamic_layer()
 
     class RowLayer(DynamicLayer):
-        """One layer of a batch's cache: preallocated (B, Hkv, capacity, D) buffers that start with a copy of
-        the shared prefix and are filled left to right; ``update`` writes the new positions in place and
-        returns views of the filled part (no per-step concatenation)."""
+        """One layer of a batch's row cache: preallocated (B, Hkv, capacity, D) buffers filled left to right;
+        ``update`` writes the new positions in place and returns views of the filled part (no per-step
+        concatenation). The prefix is not in it: the attention function reads it from :class:`PrefixKV`."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: int, capacity: int):
+        def __init__(self, capacity: int):
             super().__init__()
-            _, heads, length, _ = keys.shape
-            self.device = keys.device
-            self.keys = keys.new_empty(batch, heads, capacity, keys.shape[-1])
-            self.values = values.new_empty(batch, heads, capacity, values.shape[-1])
-            self.keys[:, :, :length] = keys
-            self.values[:, :, :length] = values
-            self.length = length
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            batch, heads, _, _ = key_states.shape
+            self.device = key_states.device
+            self.keys = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+            self.values = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
             self.is_initialized = True
 
-        def lazy_initialization(self, key_states, value_states) -> None:  # initialised in __init__
-            raise AssertionError("RowLayer is created initialised")
-
         def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             n = key_states.shape[-2]
-            if self.length + n > self.keys.shape[-2]:
-                raise RuntimeError(f"row cache full ({self.keys.shape[-2]} positions)")
+            if self.length + n > self.capacity:
+                raise RuntimeError(f"row cache full ({self.capacity} positions)")
             self.keys[:, :, self.length:self.length + n] = key_states
             self.values[:, :, self.length:self.length + n] = value_states
             self.length += n
@@ -144,15 +255,16 @@ def _row_layer_class():
             return self.length + query_length, 0
 
         def batch_select_indices(self, indices) -> None:
-            self.keys = self.keys[indices]
-            self.values = self.values[indices]
+            if self.is_initialized:
+                self.keys = self.keys[indices]
+                self.values = self.values[indices]
 
     return RowLayer
 
 
-def batch_cache(prefix: PrefixKV, batch: int, capacity: int):
-    """A transformers ``Cache`` for ``batch`` rows whose first ``prefix.length`` positions hold the prefix."""
+def row_cache(num_layers: int, capacity: int):
+    """A transformers ``Cache`` of row layers (the per-row part of a batch; the prefix is not in it)."""
     from transformers.cache_utils import Cache
 
     layer = _row_layer_class()
-    return Cache(layers=[layer(k, v, batch, capacity) for k, v in zip(prefix.keys, prefix.values)])
+    return Cache(layers=[layer(capacity) for _ in range(num_layers)])
