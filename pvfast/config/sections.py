@@ -65,7 +65,11 @@ class ModelConfig:
     lora_dropout: float = 0.05  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters: all 7 attention/MLP projections
     gradient_checkpointing: bool = True  # recompute activations in backward: memory for ~30 % more compute
-    attn_implementation: Literal["sdpa", "flex_attention", "eager"] = "sdpa"  # flex_attention: block masks, GPU
+    # Attention of the packed passes (pvfast.model.forward.resolve_attn_implementation): auto = the measured
+    # default of the device (pvfast_tree on the CPU: SDPA run on the tree's parts, only the attended pairs;
+    # sdpa on CUDA); sdpa = the same; sdpa_dense = SDPA with the dense (L, L) tree mask; flex_attention = block
+    # masks (GPU); eager = additive mask.
+    attn_implementation: Literal["auto", "pvfast_tree", "sdpa", "sdpa_dense", "flex_attention", "eager"] = "auto"
 
     def __post_init__(self) -> None:
         check_choices(self)

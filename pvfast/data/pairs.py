@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import os
 import random
 import re
@@ -64,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pvfast import atomic
 from pvfast.config.sections import PairConfig
 from pvfast.data.codebook import (
     CODES,
@@ -165,15 +167,13 @@ def confusion_tables(golds: Sequence[Sequence[Annotation]],
 
 def write_confusion_csv(path: str | os.PathLike, table: ConfusionTable, smoothing: float = 0.0) -> Path:
     """M (row-normalised, diagonal 0) as CSV: ``gold``, one column per predicted label, ``row_count``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["gold", *table.labels, "row_count"])
-        for gold in table.labels:
-            row = table.row(gold, smoothing)
-            writer.writerow([gold, *(f"{row.get(p, 0.0):.6g}" for p in table.labels), table.row_total(gold)])
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["gold", *table.labels, "row_count"])
+    for gold in table.labels:
+        row = table.row(gold, smoothing)
+        writer.writerow([gold, *(f"{row.get(p, 0.0):.6g}" for p in table.labels), table.row_total(gold)])
+    return atomic.write_text(path, text.getvalue())
 
 
 def read_confusion_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
