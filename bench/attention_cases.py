@@ -16,6 +16,7 @@ loss (checked), and the policy differs from the reference as it does mid-trainin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -65,6 +66,11 @@ def build_model(name: str, num_layers: int | None = None):
     register()
     if name == "tiny":
         model = load_tiny_model("qwen2", lora=True)
+        if num_layers is not None and num_layers != model.config.num_hidden_layers:
+            from pvfast.model.tiny import DEFAULT_RECIPE
+
+            recipe = dataclasses.replace(DEFAULT_RECIPE, num_hidden_layers=num_layers)
+            model = load_tiny_model("qwen2", lora=True, recipe=recipe)
     elif name == "smollm2":
         from transformers import LlamaConfig, LlamaForCausalLM
 

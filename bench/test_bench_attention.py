@@ -10,9 +10,17 @@ token budget, the trainer's step: reference pass + policy pass + fused TAB-PO lo
 
 Variants, run side by side and interleaved (round r runs every variant once, in order), each a full step:
 ``sdpa`` = the tree as a dense (1, 1, L, L) boolean mask (every score computed); ``pvfast_tree`` = the
-tree-sparse attention of :mod:`pvfast.model.attention`; each with gradient checkpointing on and off. The
-speedups are medians over rounds of per-round ratios (the same round's dense step / tree step), so a round
-slowed down by other processes on the machine slows both sides. Both paths compute the same loss (checked).
+tree-sparse attention of :mod:`pvfast.model.attention`; with gradient checkpointing on and off, and the tree
+with a cached reference (``--po.precompute_ref``: no reference forward in the step). The speedups are medians
+over rounds of per-round ratios (the same round's dense step / tree step), so a round slowed down by other
+processes on the machine slows both sides. All variants compute the same loss (checked).
+
+The SmolLM2-135M shape runs with checkpointing on only: without it the dense path keeps a float (L, L) mask per
+layer for the backward (268 MB each at 8k, 30 layers) on top of the activations; it was OOM-killed at 14.7 GB
+resident on the 23 GB benchmark machine. The checkpointing trade-off is measured separately
+(``test_checkpointing_cpu``): tree path, checkpointing on vs off, step time and peak memory, on the tiny model
+and on the SmolLM2 shape cut to ``CHECKPOINTING_LAYERS`` layers (activation memory grows linearly with the
+layers; the rows project it to all 30).
 
 Target (issue 13; a benchmark, not a test — a miss is recorded, not failed): pvfast_tree >= 2x faster per pair
 than the dense mask on the CPU at the 8k budget, for the whole step.
@@ -22,8 +30,8 @@ each parallel region burns the core the other thread needs; the tree path makes 
 than the dense one and suffers more (measured on 2 cores at load ~10: tree attention 3x slower with 2 threads
 than with 1, the dense path unchanged). Run with ``OMP_WAIT_POLICY=PASSIVE`` there (recorded in each row).
 
-Memory (CPU): the peak resident memory one step adds (fresh worker process, ``bench.harness``) for each variant;
-it and the step times decide the gradient-checkpointing default (recorded in the ``checkpointing`` rows).
+Memory (CPU): the peak resident memory one step adds (fresh worker process, ``bench.harness``: a warm-up step,
+then the measured one).
 """
 
 from __future__ import annotations
@@ -56,16 +64,24 @@ COLUMNS = ["device", "model", "attention", "checkpointing", "reference", "token_
            "attended_fraction", "pairs", "rounds", "threads", "omp_wait_policy", "loss", "median_ms", "min_ms",
            "ms_per_pair", "speedup_vs_dense", "speedup_vs_dense_checkpointed", "peak_extra_MiB", "target"]
 TARGET = 2.0  # x faster per pair than the dense mask (same checkpointing), CPU, 8k budget
-ROUNDS = {"tiny": 5, "smollm2": 1}  # a SmolLM2-shaped dense step takes several minutes on 2 shared cores
-# (attention, checkpointing, reference); the last one is the trainer with --po.precompute_ref (no reference
-# forward per step), timed against the same round's dense steps.
-VARIANTS = [(attention, checkpointing, REFERENCES[0]) for checkpointing in (True, False) for attention in ATTENTIONS]
-VARIANTS.append((TREE_ATTENTION, False, REFERENCES[1]))
+ROUNDS = {"tiny": 5, "smollm2": 1}  # a SmolLM2-shaped dense step takes tens of minutes on 2 shared cores
+# (attention, checkpointing, reference) per model; the cached-reference variant is timed against the same
+# round's dense steps.
+VARIANTS = {
+    "tiny": [(attention, checkpointing, REFERENCES[0]) for checkpointing in (True, False) for attention in ATTENTIONS]
+    + [(TREE_ATTENTION, False, REFERENCES[1])],
+    "smollm2": [(attention, True, REFERENCES[0]) for attention in ATTENTIONS] + [(TREE_ATTENTION, True, REFERENCES[1])],
+}
+CHECKPOINTING_SUBJECT = "tree_attention_checkpointing"
+CHECKPOINTING_COLUMNS = ["device", "model", "layers", "token_budget", "checkpointing", "rounds", "threads",
+                         "omp_wait_policy", "median_ms", "ms_per_pair", "time_vs_checkpointing_off", "peak_extra_MiB",
+                         "activation_MiB_per_layer", "projected_extra_GiB", "projected_layers"]
+CHECKPOINTING_LAYERS = {"tiny": (1, 2), "smollm2": (3, 6)}  # two depths: memory per layer from the difference
+FULL_LAYERS = {"tiny": 2, "smollm2": 30}
 GPU_ATTENTIONS = ("sdpa", "flex_attention")
-# Peak memory per variant (a fresh worker runs a warm-up step and the measured one): every variant of the tiny
-# model; the tree variants of the SmolLM2 shape (their checkpointing on/off decides the default; a dense
-# SmolLM2 step takes many minutes).
-MEMORY_ATTENTIONS = {"tiny": ATTENTIONS, "smollm2": (TREE_ATTENTION,)}
+# Peak memory per variant in the step benchmark: every variant of the tiny model; none of the SmolLM2 shape
+# (two more steps per variant at tens of minutes each; its memory is in the checkpointing rows).
+MEMORY_ATTENTIONS = {"tiny": ATTENTIONS, "smollm2": ()}
 
 
 def _models() -> list[str]:
@@ -114,8 +130,9 @@ def _rows(device, model_name, batch, times, losses, rounds, dense="sdpa"):
                    min_ms=min(seconds) * 1e3,
                    ms_per_pair=median * 1e3 / batch.num_pairs)
         if attention != dense:
-            same = times[(dense, checkpointing, REFERENCES[0])]
-            row["speedup_vs_dense"] = statistics.median(d / t for d, t in zip(same, seconds))
+            same = times.get((dense, checkpointing, REFERENCES[0]))
+            if same is not None:
+                row["speedup_vs_dense"] = statistics.median(d / t for d, t in zip(same, seconds))
             old_default = times[(dense, True, REFERENCES[0])]  # the default before: dense mask, checkpointing on
             row["speedup_vs_dense_checkpointed"] = statistics.median(d / t for d, t in zip(old_default, seconds))
             row["target"] = f">= {TARGET:g}x" if device == "cpu" else ""
@@ -128,10 +145,11 @@ def test_po_step_tree_vs_dense_cpu(model_name, result_sink):
     batch = one_pack()
     model = build_model(model_name)
     rounds = int(os.environ.get("PVFAST_BENCH_ROUNDS", ROUNDS[model_name]))
+    variants = VARIANTS[model_name]
     if model_name == "tiny":  # warm-up round (allocator, thread pools); the SmolLM2 steps are long enough
-        _interleaved(model, batch, VARIANTS, 1)
-    times, losses = _interleaved(model, batch, VARIANTS, rounds)
-    dense_loss = losses[("sdpa", True, REFERENCES[0])]
+        _interleaved(model, batch, variants, 1)
+    times, losses = _interleaved(model, batch, variants, rounds)
+    dense_loss = losses[variants[0]]
     for loss in losses.values():  # fp32, no dropout: every variant computes the same loss
         assert loss == pytest.approx(dense_loss, rel=1e-4, abs=1e-5)
     rows = _rows("cpu", model_name, batch, times, losses, rounds)
@@ -144,6 +162,41 @@ def test_po_step_tree_vs_dense_cpu(model_name, result_sink):
                         threads=torch.get_num_threads())
             row["peak_extra_MiB"] = peak_extra_in_worker(spec, timeout=7200) / 2**20
         sink.add(**row)
+
+
+@pytest.mark.parametrize("model_name", _models())
+def test_checkpointing_cpu(model_name, result_sink):
+    """The tree path with gradient checkpointing on vs off: step time (interleaved, at the larger layer count)
+    and peak memory (worker) at two layer counts, whose difference gives the memory per layer, projected to the
+    model's full depth: peak(layers) = peak(n1) + (layers - n1) * slope, per checkpointing setting."""
+    few, many = CHECKPOINTING_LAYERS[model_name]
+    batch = one_pack()
+    model = build_model(model_name, many)
+    rounds = int(os.environ.get("PVFAST_BENCH_ROUNDS", 3))
+    variants = [(TREE_ATTENTION, checkpointing, REFERENCES[0]) for checkpointing in (True, False)]
+    _interleaved(model, batch, variants, 1)  # warm-up
+    times, _ = _interleaved(model, batch, variants, rounds)
+    del model
+    peaks = {}
+    for layers in (few, many):
+        for _, checkpointing, _ in variants:
+            spec = dict(builder="bench.attention_cases:build_memory_case", model=model_name, num_layers=layers,
+                        attention=TREE_ATTENTION, checkpointing=checkpointing, threads=torch.get_num_threads())
+            peaks[layers, checkpointing] = peak_extra_in_worker(spec, timeout=7200) / 2**20
+    sink = result_sink(CHECKPOINTING_SUBJECT, "cpu", CHECKPOINTING_COLUMNS)
+    off = times[variants[1]]
+    full = FULL_LAYERS[model_name]
+    for variant in variants:
+        checkpointing = variant[1]
+        median = statistics.median(times[variant])
+        slope = (peaks[many, checkpointing] - peaks[few, checkpointing]) / (many - few)
+        sink.add(device="cpu", model=model_name, layers=many, token_budget=TOKEN_BUDGET, checkpointing=checkpointing,
+                 rounds=rounds, threads=torch.get_num_threads(),
+                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"), median_ms=median * 1e3,
+                 ms_per_pair=median * 1e3 / batch.num_pairs,
+                 time_vs_checkpointing_off=statistics.median(t / o for t, o in zip(times[variant], off)),
+                 peak_extra_MiB=peaks[many, checkpointing], activation_MiB_per_layer=slope,
+                 projected_layers=full, projected_extra_GiB=(peaks[many, checkpointing] + slope * (full - many)) / 1024)
 
 
 LAYER_SUBJECT = "tree_attention_layer"
