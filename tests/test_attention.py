@@ -286,6 +286,22 @@ def _qwen2_windowed(window=5):
                        max_window_layers=1)
 
 
+def _qwen3_windowed(window=5):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_SMALL, num_hidden_layers=3, head_dim=16, use_sliding_window=True, sliding_window=window,
+                       max_window_layers=1)
+
+
+def _gemma3(window=4):
+    from transformers import Gemma3TextConfig
+
+    # Local/global layers with their own rope bases (rope_parameters per layer type).
+    return Gemma3TextConfig(**_SMALL, num_hidden_layers=3, head_dim=16, sliding_window=window,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            query_pre_attn_scalar=16)
+
+
 def _gemma2(window=4, final_cap=0.5, attn_cap=2.0):
     from transformers import Gemma2Config
 
@@ -308,7 +324,8 @@ def test_layer_windows_follow_transformers_configs():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", TREE_ATTENTION, "eager"])
-@pytest.mark.parametrize("make", [_mistral, _qwen2_windowed], ids=["mistral", "qwen2"])
+@pytest.mark.parametrize("make", [_mistral, _qwen2_windowed, _qwen3_windowed, _gemma3],
+                         ids=["mistral", "qwen2", "qwen3", "gemma3"])
 def test_windowed_tree_logprobs_equal_separate_sequences(make, attn):
     model = _random_model(make(5), attn)
     groups = _long_groups()
@@ -322,7 +339,7 @@ def test_windowed_tree_logprobs_equal_separate_sequences(make, attn):
         full = (packed_token_logprobs(_random_model(make(None), attn), batch)
                 if attn != TREE_ATTENTION else None)
     torch.testing.assert_close(tree, separate, atol=1e-5, rtol=0)
-    if make is _qwen2_windowed and attn != TREE_ATTENTION:
+    if make is not _mistral and attn != TREE_ATTENTION:
         assert set(mask) == {"full_attention", "sliding_attention"}  # one mask per layer type
     if full is not None:
         assert (full - separate).abs().max() > 1e-2
