@@ -46,8 +46,7 @@ class FusedPOTrainer(Trainer):
         if self.po_loss.needs_reference:
             with torch.no_grad(), model.disable_adapter():
                 ref_stats = self.po_loss.statistics(rows(), base.lm_head.weight)
-        out = self.po_loss(rows(), base.lm_head.weight, pairs=batch.pairs, ref_stats=ref_stats,
-                           example_weights=batch.example_weights)  # None unless collate was given weights
+        out = self.po_loss(rows(), base.lm_head.weight, pairs=batch.pairs, ref_stats=ref_stats)
         self.last_metrics = {k: float(v) for k, v in out.metrics.items()}
         return (out.loss, out) if return_outputs else out.loss
 

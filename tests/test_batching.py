@@ -95,8 +95,9 @@ def _pair_rows(tokenizer, records, record_weights=None, union=False):
             chosen_diff = union_mask if union else group.chosen_diff_masks[j]
             rows.append((group.chosen.input_ids, len(group.prompt_ids), group.chosen.roles, chosen_diff))
             rows.append((rejected.input_ids, len(rejected.prompt_ids), rejected.roles, group.rejected_diff_masks[j]))
-            example_weights.append(1.0 if record_weights is None else record_weights[record.id])
-    return rows, torch.tensor(example_weights, dtype=torch.float64)
+            if record_weights is not None:
+                example_weights.append(record_weights[record.id])
+    return rows, (torch.tensor(example_weights, dtype=torch.float64) if record_weights is not None else None)
 
 
 def _padded_stats(model, rows, config):

@@ -16,7 +16,7 @@ from pvfast.data.roles import ROLE_CODE, ROLE_SCAFFOLD, ROLE_SPAN, ROLE_SUBCODE
 from pvfast.data.synth import generate_corpus
 from pvfast.data.tokenization import tokenize_pair_group
 from pvfast.model.tiny import load_tiny_tokenizer
-from pvfast.objectives.config import TabpoConfig, TokenWeightConfig, default_config
+from pvfast.objectives.config import ClassBalanceConfig, DpoConfig, TabpoConfig, TokenWeightConfig, default_config
 from pvfast.objectives.fused_loss import ScoringRows
 from pvfast.objectives.losses import PairIndex, compute_objective, stats_from_padded
 from pvfast.objectives.weights import token_weights
@@ -186,10 +186,27 @@ def test_weight_settings_and_class_weights_apply_at_loss_time():
         w = token_weights(rows.roles, rows.diff, config).double()
         expected = torch.zeros(4, dtype=torch.float64).index_add_(0, rows.segment_ids, w * logp)
         torch.testing.assert_close(stats[:, 1].double(), expected, rtol=1e-5, atol=1e-5)  # Σ w ℓ
+    cb = DpoConfig(class_balance=ClassBalanceConfig(enabled=True))
     ref = FusedTokenPOLoss("dpo", impl="torch").statistics(rows, weight * 0.9)
-    balanced = FusedTokenPOLoss("dpo", impl="torch", class_weights={"a": 2.0, "b": 0.5})
-    explicit = FusedTokenPOLoss("dpo", impl="torch")(rows, weight, pairs, ref, example_weights=torch.tensor([2.0, 0.5]))
+    balanced = FusedTokenPOLoss("dpo", cb, impl="torch", class_weights={"a": 2.0, "b": 0.5})
+    explicit = FusedTokenPOLoss("dpo", cb, impl="torch")(rows, weight, pairs, ref,
+                                                        example_weights=torch.tensor([2.0, 0.5]))
     torch.testing.assert_close(balanced(rows, weight, pairs, ref).loss, explicit.loss)
     assert balanced(rows, weight, pairs, ref).normalizer.item() == pytest.approx(2.5)
     with pytest.raises(KeyError, match="'b'"):
-        FusedTokenPOLoss("dpo", impl="torch", class_weights={"a": 2.0})(rows, weight, pairs, ref)
+        FusedTokenPOLoss("dpo", cb, impl="torch", class_weights={"a": 2.0})(rows, weight, pairs, ref)
+
+
+def test_class_balance_setting_and_weights_must_agree():
+    """Class balance is on exactly when weights exist: a config that asks for it without weights, or weights
+    without the config asking, is an error (the published paper_b085 preset must never train with c = 1)."""
+    rows, weight = _toy_rows(), torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    pairs = PairIndex(torch.tensor([0, 2]), torch.tensor([1, 3]))
+    b085 = FusedTokenPOLoss("tabpo", TabpoConfig.from_preset("paper_b085"), impl="torch")
+    ref = b085.statistics(rows, weight * 0.9)
+    with pytest.raises(ValueError, match="class balance is enabled.*no class_weights"):
+        b085(rows, weight, pairs, ref)
+    with pytest.raises(ValueError, match="class balance is off"):
+        FusedTokenPOLoss("dpo", impl="torch", class_weights={"a": 2.0, "b": 0.5})
+    with pytest.raises(ValueError, match="class balance is off"):
+        FusedTokenPOLoss("dpo", impl="torch")(rows, weight, pairs, ref, example_weights=torch.tensor([2.0, 0.5]))

@@ -404,6 +404,10 @@ def test_input_errors():
         compute_objective("ipo", policy, ref, None)
     with pytest.raises(TypeError, match="takes a DpoConfig"):
         compute_objective("dpo", policy, ref, pairs, config=TabpoConfig())
+    with pytest.raises(ValueError, match="class balance is enabled in the config but no example_weights"):
+        compute_objective("dpo", policy, ref, pairs, None, DpoConfig(class_balance=CB_ON))
+    with pytest.raises(ValueError, match="class balance is off"):
+        compute_objective("dpo", policy, ref, pairs, torch.ones(2, dtype=F64), DpoConfig())
     with pytest.raises(ValueError, match=r"example_weights: expected shape \(2,\)"):
         compute_objective("dpo", policy, ref, pairs, torch.ones(3, dtype=F64), DpoConfig(class_balance=CB_ON))
     with pytest.raises(TypeError, match="int64"):

@@ -128,8 +128,10 @@ def test_precomputed_cache_round_trip_equals_on_the_fly(model, batches, tmp_path
         head = lm_head_weight(model)
         cached_loss = LOSS(rows, head, batch.pairs, reloaded.get(batch, LOSS)).loss
         torch.testing.assert_close(cached_loss, LOSS(rows, head, batch.pairs, on_the_fly).loss, rtol=0, atol=1e-6)
-    # An existing cache that covers the batches is reused without touching the model.
-    assert len(precompute_reference(None, batches, LOSS, path)) == len(batches)
+    # An existing cache that covers the batches, scored from this very reference, is reused as it is.
+    written = path.stat().st_mtime_ns
+    assert len(precompute_reference(model, batches, LOSS, path)) == len(batches)
+    assert path.stat().st_mtime_ns == written
 
 
 def test_cache_from_other_data_or_settings_is_refused(tokenizer, model, batches, tmp_path):
@@ -201,3 +203,20 @@ def test_cache_lookup_hashes_each_cpu_batch_once(model, batches, tmp_path, monke
     assert moved.content_key == fresh.content_key
     cache.get(moved, LOSS)
     assert len(calls) == 1
+
+
+def test_cache_from_another_reference_model_or_precision_is_refused(model, batches, tmp_path):
+    """The key of an entry is the batch and the objective settings; the file also records the reference it
+    was scored with (weights, precision, attention): another SFT model or --run.autocast is never served."""
+    path = tmp_path / "ref.safetensors"
+    precompute_reference(model, batches[:1], LOSS, path)
+    other_sft = load_tiny_model("llama", lora=True).eval()
+    with torch.no_grad():  # another SFT model: different base weights
+        other_sft.get_base_model().model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="another reference model, precision or attention"):
+        precompute_reference(other_sft, batches[:1], LOSS, path)
+    with pytest.raises(ValueError, match="another reference model, precision or attention"):
+        precompute_reference(model, batches[:1], LOSS, path, autocast_mode="bf16")
+    # Training the adapters does not change the reference (it is the network with them disabled).
+    trained = activate_lora(load_tiny_model("llama", lora=True).eval(), seed=9)
+    assert len(precompute_reference(trained, batches[:1], LOSS, path)) == 1

@@ -26,7 +26,7 @@ from pvfast.data.pairs import ConfusionTable, make_preference_records
 from pvfast.data.prompt import PromptTemplate
 from pvfast.data.synth import generate_corpus
 from pvfast.model.forward import packed_token_logprobs
-from pvfast.model.reference import reference_stats
+from pvfast.model.reference import precompute_reference, reference_stats
 from pvfast.model.tiny import load_tiny_tokenizer
 from pvfast.objectives.class_balance import chosen_annotations, class_balance_table
 from pvfast.objectives.config import ClassBalanceConfig, default_config
@@ -36,7 +36,7 @@ from pvfast.objectives.stats import segment_stats_reference
 from pvfast.objectives.weights import token_weights
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups, sft_groups
 from pvfast.testing import activate_lora, load_tiny_model
-from pvfast.train.distributed import DistContext, cleanup, setup_distributed, unwrap, wrap_model
+from pvfast.train.distributed import DistContext, cleanup, setup_distributed, shard, shard_padding, unwrap, wrap_model
 from pvfast.train.loop import accumulate_step
 
 TEMPLATE = PromptTemplate("Extract patient-voice triples. TO_PAT_YN: {direction}\nContext: {message}\nOUTPUT:")
@@ -188,11 +188,16 @@ def _rank_worker(rank: int, port: int, case: str, out_dir: str) -> None:
     try:
         objective, config = CASES[case]
         groups, kind, table = _groups(load_tiny_tokenizer("llama"), objective, config)
-        packs = _packs(groups, kind, 2)  # rank 0: one record, rank 1: the rest (unequal pair counts)
+        # 3 packs of unequal sizes over 2 ranks, as the trainer shards them: rank 0 runs packs 0 and 2, rank 1
+        # runs pack 1 and a wrapped-around repeat of pack 0 (padding); two micro-batches each (no_sync path).
+        packs = _packs(groups, kind, 3)
+        local, padding = shard(packs, ctx), shard_padding(len(packs), ctx)
         model = wrap_model(_model(), ctx)
         loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
-        grads, sums = _step_grads(model, [packs[rank]], loss_fn, ctx)
-        torch.save({"grads": grads, "loss": sums["loss"]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        model.zero_grad(set_to_none=True)
+        sums = accumulate_step(model, local, loss_fn, _reference_fn(model, loss_fn), ctx, "off", 1, padding=padding)
+        grads = {n: p.grad.detach().clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+        torch.save({"grads": grads, "loss": sums["loss"], "padding": padding}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         cleanup(ctx)
 
@@ -203,21 +208,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["tabpo_cb", "dpo", "sft_token_cb"])
+@pytest.mark.parametrize("case", ["tabpo_cb", "dpo", "simpo", "sft_token_cb", "sft_sequence"])
 def test_two_rank_step_gradient_equals_the_single_process_step(case, tmp_path):
     objective, config = CASES[case]
     tokenizer = load_tiny_tokenizer("llama")
     groups, kind, table = _groups(tokenizer, objective, config)
-    packs = _packs(groups, kind, 2)
-    counts = [b.num_pairs if kind == "po" else b.packed.num_segments for b in packs]
-    assert counts[0] != counts[1]  # ranks hold different numbers of units: a mean of rank means would differ
+    packs = _packs(groups, kind, 3)
     model = _model()
     loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
-    single, sums = _step_grads(model, _packs(groups, kind, 1), loss_fn,
-                               DistContext(0, 1, 0, CPU, True))
+    single, sums = _step_grads(model, packs, loss_fn, DistContext(0, 1, 0, CPU, True))
     mp.spawn(_rank_worker, args=(_free_port(), case, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [r["padding"] for r in results] == [[False, False], [False, True]]  # the epoch-end repeat is in play
+    for result in results:
         assert _rel_l2(result["grads"], single) <= GRAD_RTOL
         assert result["loss"] == pytest.approx(sums["loss"], rel=1e-5)
 
@@ -240,3 +243,50 @@ def test_margin_is_exactly_zero_at_step_zero_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = reference_stats(model, batch, loss_fn)
     assert not torch.equal(fp32, bf16)
+
+
+def test_shard_padding_marks_the_wrapped_repeats():
+    # 5 packs over 2 ranks: rank 0 takes positions 0, 2, 4; rank 1 takes 1, 3 and the repeat of position 0.
+    assert shard_padding(5, DistContext(0, 2, 0, CPU, True)) == [False, False, False]
+    assert shard_padding(5, DistContext(1, 2, 1, CPU, False)) == [False, False, True]
+    assert shard_padding(0, DistContext(0, 2, 0, CPU, True)) == []
+
+
+def test_a_padding_micro_batch_adds_nothing_to_the_step():
+    """At the end of an epoch a rank may hold a wrapped-around repeat (for DDP's equal step counts): it runs,
+    but the step's gradient and loss are those of the real micro-batches alone."""
+    objective, config = CASES["tabpo_cb"]
+    groups, kind, table = _groups(load_tiny_tokenizer("llama"), objective, config)
+    packs = _packs(groups, kind, 3)
+    model = _model()
+    loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
+    ctx = DistContext(0, 1, 0, CPU, True)
+    real, real_sums = _step_grads(model, packs, loss_fn, ctx)
+    model.zero_grad(set_to_none=True)
+    padded_sums = accumulate_step(model, [*packs, packs[0]], loss_fn, _reference_fn(model, loss_fn), ctx, "off", 1,
+                                  padding=[False, False, False, True])
+    padded = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert _rel_l2(padded, real) <= GRAD_RTOL
+    assert padded_sums["loss"] == pytest.approx(real_sums["loss"], rel=1e-6)
+    assert padded_sums["margin"] == pytest.approx(real_sums["margin"], rel=1e-6, abs=1e-9)
+
+
+def test_margin_is_exactly_zero_at_step_zero_with_a_bf16_precomputed_reference(tmp_path):
+    """The cached path too: --po.precompute_ref scores the reference under the run's precision."""
+    objective, config = "tabpo", default_config("tabpo")
+    groups, kind, table = _groups(load_tiny_tokenizer("llama"), objective, config)
+    packs = _packs(groups, kind, 3)
+    model = load_tiny_model("llama", lora=True)  # B = 0: the policy is the reference
+    loss_fn = FusedTokenPOLoss(objective, config, class_weights=table)
+    cache = precompute_reference(model, packs, loss_fn, tmp_path / "ref.safetensors", autocast_mode="bf16")
+    ctx = DistContext(0, 1, 0, CPU, True)
+    model.zero_grad(set_to_none=True)
+    sums = accumulate_step(model, packs, loss_fn, lambda cpu_batch, batch, mask: cache.get(cpu_batch, loss_fn),
+                           ctx, "bf16", 1)
+    assert sums["margin"] == 0.0 and sums["reward_chosen"] == 0.0
+    # ... and a reference scored in full precision is not the bf16 policy's: the margin would not be 0.
+    fp32 = precompute_reference(model, packs, loss_fn, tmp_path / "fp32.safetensors", autocast_mode="off")
+    model.zero_grad(set_to_none=True)
+    sums = accumulate_step(model, packs, loss_fn, lambda cpu_batch, batch, mask: fp32.get(cpu_batch, loss_fn),
+                           ctx, "bf16", 1)
+    assert sums["margin"] != 0.0

@@ -263,12 +263,33 @@ def test_model_source_errors_name_the_path(tmp_path):
     from pvfast.config.sections import ModelConfig
     from pvfast.model.loading import ModelLoadError, model_source
 
-    with pytest.raises(ModelLoadError, match="directory not found"):
+    with pytest.raises(ModelLoadError, match="no such file or directory"):
         model_source(ModelConfig(name_or_path=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         model_source(ModelConfig(name_or_path=str(tmp_path / "empty")))
-    assert model_source(ModelConfig(name_or_path="Qwen/Qwen2.5-1.5B-Instruct")) == "Qwen/Qwen2.5-1.5B-Instruct"
+    # A hub id that is neither cached nor reachable fails at once (tests/test_real_model.py covers the hub cases).
+
+
+def test_an_architecture_the_packed_path_cannot_reproduce_is_refused_in_one_line(tmp_path, capsys):
+    """A model whose positions depend on the row length (dynamic rope scaling) cannot run tree-packed: the
+    trainer refuses it at load, naming the feature, with one error line and exit 1, before any step."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model_dir("llama")
+    model_dir = tmp_path / "dynamic-rope"
+    with torch.random.fork_rng(devices=[]):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (model_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    AutoTokenizer.from_pretrained(source).save_pretrained(model_dir)
+    code = train.main(["sft", *tiny_args(tmp_path, "refused"), "--model.name_or_path", str(model_dir)])
+    err = capsys.readouterr().err
+    assert code == errors.EXIT_MODEL == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "dynamic" in lines[0] and "rope" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "refused" / "checkpoints").exists()
 
 
 def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):

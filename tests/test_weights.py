@@ -71,3 +71,10 @@ def test_statistics_settings_follow_what_shapes_the_statistics():
     off = DpoConfig().statistics_settings()
     assert off == {"gate_tau": 1.0, "token_weighting": False}
     assert DpoConfig(token_weights=TokenWeightConfig(w_span=3.0)).statistics_settings() == off
+
+
+def test_token_weighting_with_an_unweighted_score_is_refused():
+    """DPO-style scores "sum" and "mean" never read the weighted columns: TW on would silently do nothing."""
+    with pytest.raises(ValueError, match="DpoConfig.token_weighting must be false with score 'sum'"):
+        DpoConfig(token_weighting=True)
+    assert DpoConfig(token_weighting=True, score="weighted_mean").token_weighting

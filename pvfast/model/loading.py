@@ -235,5 +235,16 @@ def add_lora(model, cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, device: torch.device, source: str | None = None):
-    """Base model (from ``source`` or the config) with a fresh trainable LoRA adapter."""
-    return add_lora(load_base_model(cfg, device, source), cfg)
+    """Base model (from ``source`` or the config) with a fresh trainable LoRA adapter, for the packed path.
+
+    A model whose attention or head the packed path does not reproduce is refused here, by feature
+    (:func:`pvfast.model.forward.check_packed_support`), before any step runs.
+    """
+    from pvfast.model.forward import UnsupportedModelError, check_packed_support
+
+    base = load_base_model(cfg, device, source)
+    try:
+        check_packed_support(base)
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"{source or cfg.name_or_path}: {err}") from err
+    return add_lora(base, cfg)

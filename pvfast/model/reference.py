@@ -35,7 +35,7 @@ import torch
 
 from pvfast.atomic import TMP_PREFIX
 from pvfast.model.forward import final_logit_softcap, lm_head_weight, packed_forward
-from pvfast.model.precision import autocast
+from pvfast.model.precision import autocast, autocast_dtype
 from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch
 
@@ -119,6 +119,29 @@ def entry_key(batch: LossBatch, loss_fn: FusedTokenPOLoss) -> str:
     return f"{batch_key(batch)}-{settings_key(loss_fn)}"
 
 
+def reference_fingerprint(model, autocast_mode: str = "off", device: torch.device | str | None = None) -> str:
+    """A short hash of what the reference statistics depend on beyond the batch and the objective: the
+    reference weights (every non-LoRA parameter: names, shapes, dtypes and a sample of its values), the
+    precision of the pass, the final-logit soft-capping and the attention implementation.
+
+    A cache computed from another SFT model, precision or attention is refused by it, never read.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue  # the reference is the network with its adapters disabled
+        flat = param.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", copy=True).contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = autocast_dtype(autocast_mode, device)
+    config = getattr(model, "config", None)
+    digest.update(f"precision={dtype};softcap={final_logit_softcap(model)};"
+                  f"attention={getattr(config, '_attn_implementation', None)}".encode())
+    return digest.hexdigest()[:16]
+
+
 class ReferenceCache:
     """Precomputed reference statistics by batch content and objective settings (module docstring).
 
@@ -126,9 +149,10 @@ class ReferenceCache:
     clear error, never a wrong reference.
     """
 
-    def __init__(self, stats: dict[str, torch.Tensor], path: Path | None = None):
+    def __init__(self, stats: dict[str, torch.Tensor], path: Path | None = None, fingerprint: str | None = None):
         self._stats = stats
         self.path = path
+        self.fingerprint = fingerprint  # reference_fingerprint of the model and precision it was scored with
 
     def __len__(self) -> int:
         return len(self._stats)
@@ -162,7 +186,8 @@ class ReferenceCache:
         tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
         tensors = {f"stats/{key}": value.detach().cpu().contiguous() for key, value in self._stats.items()}
         try:
-            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "entries": str(len(self._stats))})
+            metadata = {"format": CACHE_FORMAT, "entries": str(len(self._stats)), "reference": self.fingerprint or ""}
+            save_file(tensors, str(tmp), metadata=metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -183,7 +208,7 @@ class ReferenceCache:
                 stats = {name.removeprefix("stats/"): handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path}: unreadable reference cache ({err})") from err
-        return cls(stats, path)
+        return cls(stats, path, metadata.get("reference") or None)
 
 
 def precompute_reference(
@@ -214,6 +239,7 @@ def precompute_reference(
     """
     path = Path(cache_path)
     batches: Sequence[LossBatch] = list(batches)
+    fingerprint = reference_fingerprint(model, autocast_mode, device)
     cache = None
     if path.exists() and not overwrite:
         try:
@@ -221,6 +247,10 @@ def precompute_reference(
         except ValueError as err:  # an older format or a damaged file: the reference is derived data
             warnings.warn(f"{err}; scoring the reference again", stacklevel=2)
     if cache is not None:
+        if cache.fingerprint != fingerprint:
+            raise ValueError(f"{path} was scored with another reference model, precision or attention "
+                             f"(fingerprint {cache.fingerprint}, this run {fingerprint}); delete it or pass "
+                             f"overwrite=True")
         missing = sum(not cache.has(batch, loss_fn) for batch in batches)
         if missing:
             raise ValueError(f"{path} exists but has no entry for {missing} of {len(batches)} batches (it was "
@@ -234,5 +264,5 @@ def precompute_reference(
             scored = batch if device is None else batch.to(device)
             with autocast(autocast_mode, scored.packed.input_ids.device):
                 stats[key] = score(model, scored, loss_fn).float().cpu()
-    ReferenceCache(stats).save(path)
+    ReferenceCache(stats, fingerprint=fingerprint).save(path)
     return ReferenceCache.load(path)

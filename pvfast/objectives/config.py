@@ -90,6 +90,9 @@ class ObjectiveConfig:
             _check_positive(self, "beta")
         if hasattr(self, "score"):
             require_choice(self, "score", SCORES)
+            # Only the weighted mean reads the weighted columns: token weighting would silently do nothing.
+            require(self, "token_weighting", not self.token_weighting or self.score == "weighted_mean",
+                    f"false with score {self.score!r} (only score 'weighted_mean' uses token weights)")
         if not isinstance(self.token_weights, TokenWeightConfig):
             raise TypeError(f"{type(self).__name__}.token_weights: expected TokenWeightConfig, "
                             f"got {type(self.token_weights).__name__}")

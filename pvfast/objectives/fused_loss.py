@@ -59,7 +59,8 @@ class ScoringRows:
 
 
 def causal_lm_rows(hidden: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor | None = None,
-                   diff: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> ScoringRows:
+                   diff: torch.Tensor | None = None, segment_records: Sequence[str] | None = None,
+                   ignore_index: int = IGNORE_INDEX) -> ScoringRows:
     """Scoring rows from a padded causal-LM batch: completion b is row b, position t predicts t+1.
 
     Args:
@@ -68,6 +69,8 @@ def causal_lm_rows(hidden: torch.Tensor, labels: torch.Tensor, roles: torch.Tens
         roles: (B, T) role ids aligned with ``labels`` (:class:`pvfast.packing.padded.PaddedPairBatch`
             holds them), or None for all scaffold.
         diff: (B, T) bool diff flags aligned with ``labels``, or None for none.
+        segment_records: the record id of each of the B rows (``PaddedPairBatch.segment_records``), what
+            class-balance weights are looked up by; None without class balance.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"causal_lm_rows: hidden (B, T, H) and labels (B, T) expected, got "
@@ -80,9 +83,12 @@ def causal_lm_rows(hidden: torch.Tensor, labels: torch.Tensor, roles: torch.Tens
     shifted = labels[:, 1:]
     keep = shifted != ignore_index  # (B, T-1): positions whose next token is scored
     batch_index = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)
+    if segment_records is not None and len(segment_records) != labels.shape[0]:
+        raise ValueError(f"causal_lm_rows: {len(segment_records)} segment_records for {labels.shape[0]} rows")
     return ScoringRows(hidden=hidden[:, :-1][keep], targets=shifted[keep], roles=roles[:, 1:][keep],
                        diff=None if diff is None else diff[:, 1:][keep], segment_ids=batch_index[keep],
-                       num_segments=labels.shape[0])
+                       num_segments=labels.shape[0],
+                       segment_records=None if segment_records is None else tuple(segment_records))
 
 
 class FusedTokenPOLoss(nn.Module):
@@ -117,6 +123,9 @@ class FusedTokenPOLoss(nn.Module):
                             f"got {type(self.config).__name__}")
         self.needs_reference = spec.needs_reference
         self.impl = impl
+        if class_weights is not None and not self.config.class_balance.enabled:
+            raise ValueError("class_weights were given but class balance is off in the config "
+                             "(class_balance.enabled)")
         self.class_weights = class_weights
 
     def statistics(self, rows: ScoringRows, lm_head_weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
@@ -137,8 +146,12 @@ class FusedTokenPOLoss(nn.Module):
     def example_weights(self, rows: ScoringRows, pairs: PairIndex | None) -> torch.Tensor | None:
         """Class-balance weights c of the loss's units (pairs; SFT: target completions) from ``class_weights``
         and the rows' record ids; None when class balance is off."""
-        if self.class_weights is None:
+        if not self.config.class_balance.enabled:
             return None
+        if self.class_weights is None:
+            raise ValueError("class balance is enabled in the config but the loss has no class_weights: build it "
+                             "with FusedTokenPOLoss(..., class_weights=class_balance_table(ids, annotations, "
+                             "config.class_balance)) or pass example_weights to forward")
         if rows.segment_records is None:
             raise ValueError("class balance is on (class_weights given) but the scoring rows carry no "
                              "segment_records to look the weights up by")

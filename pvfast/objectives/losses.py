@@ -481,9 +481,10 @@ def compute_objective(
             the reference-free objectives (simpo, sft), which reject a reference.
         pairs: chosen/rejected rows of P pairs. For "sft" the targets are ``pairs.chosen`` (one per pair),
             or every row when ``pairs`` is None.
-        example_weights: (P,) class-balance weight c per pair ((M,) per row for "sft" without pairs), or None
-            for c = 1. Computed from the config's class balance by
-            :func:`pvfast.objectives.class_balance.class_balance_table` (the only reader of that setting).
+        example_weights: (P,) class-balance weight c per pair ((M,) per row for "sft" without pairs); given
+            exactly when ``config.class_balance.enabled`` (from
+            :func:`pvfast.objectives.class_balance.class_balance_table`), None otherwise (c = 1). A mismatch is
+            an error, never silently resolved.
         config: the objective's config; None gives its defaults.
     Returns:
         ObjectiveOutput with a 0-dim loss and detached 0-dim metrics.
@@ -493,6 +494,11 @@ def compute_objective(
         config = spec.config_cls()
     if not isinstance(config, spec.config_cls):
         raise TypeError(f"objective {name!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}")
+    if config.class_balance.enabled != (example_weights is not None):
+        raise ValueError("class balance is enabled in the config but no example_weights were given"
+                         if config.class_balance.enabled else
+                         "example_weights were given but class balance is off in the config "
+                         "(class_balance.enabled); they would change the objective")
     policy = CompletionStats.from_tensor(policy_stats, "policy_stats")
     num_completions = len(policy)
 

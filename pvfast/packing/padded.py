@@ -31,8 +31,8 @@ class PaddedPairBatch:
     """B = 2·P rows of length T (right padding).
 
     input_ids, attention_mask, labels: (B, T) int64; token_roles: (B, T) int8 (ROLE_PROMPT off the
-    completion); token_diff: (B, T) bool; pairs: PairIndex over the rows; example_weights: (P,) float32
-    per-pair weights as given to :func:`collate_pair_groups`, or None (then every pair weighs 1).
+    completion); token_diff: (B, T) bool; pairs: PairIndex over the rows; segment_records: the record id of
+    each row (what class-balance weights are looked up by), or None when no ids were given.
     """
 
     input_ids: torch.Tensor
@@ -41,23 +41,23 @@ class PaddedPairBatch:
     token_roles: torch.Tensor
     token_diff: torch.Tensor
     pairs: PairIndex
-    example_weights: torch.Tensor | None
+    segment_records: tuple[str, ...] | None = None
 
 
 def collate_pair_groups(groups: Sequence[TokenizedPairGroup], pad_id: int,
-                        example_weights: Sequence[float] | None = None) -> PaddedPairBatch:
-    """Lay ``groups`` out as padded rows (module docstring); ``example_weights`` is one value per group."""
+                        record_ids: Sequence[str] | None = None) -> PaddedPairBatch:
+    """Lay ``groups`` out as padded rows (module docstring); ``record_ids`` names each group's record."""
     if not groups:
         raise ValueError("collate_pair_groups: no groups")
-    if example_weights is not None and len(example_weights) != len(groups):
-        raise ValueError(f"collate_pair_groups: {len(example_weights)} example weights for {len(groups)} groups")
-    rows, pair_weights = [], []
+    if record_ids is not None and len(record_ids) != len(groups):
+        raise ValueError(f"collate_pair_groups: {len(record_ids)} record ids for {len(groups)} groups")
+    rows, records = [], []
     for g, group in enumerate(groups):
         for j, rejected in enumerate(group.rejected):
             rows.append((group.chosen, group.chosen_diff_masks[j]))
             rows.append((rejected, group.rejected_diff_masks[j]))
-            if example_weights is not None:
-                pair_weights.append(float(example_weights[g]))
+            if record_ids is not None:
+                records += [str(record_ids[g])] * 2
     length = max(len(c.prompt_ids) + len(c.completion_ids) for c, _ in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -73,5 +73,5 @@ def collate_pair_groups(groups: Sequence[TokenizedPairGroup], pad_id: int,
         token_roles[b, p:n] = torch.as_tensor(completion.roles)
         token_diff[b, p:n] = torch.as_tensor(diff)
     pairs = PairIndex(torch.arange(0, len(rows), 2), torch.arange(1, len(rows), 2))
-    weights = None if example_weights is None else torch.tensor(pair_weights, dtype=torch.float32)
-    return PaddedPairBatch(input_ids, attention_mask, labels, token_roles, token_diff, pairs, weights)
+    return PaddedPairBatch(input_ids, attention_mask, labels, token_roles, token_diff, pairs,
+                           None if record_ids is None else tuple(records))

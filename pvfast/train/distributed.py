@@ -23,20 +23,21 @@ that; :func:`packed_hidden` is the one call the trainer makes for the policy pas
         mask = packed_attention_mask(unwrap(model), batch.packed)
         ref = reference_stats(unwrap(model), batch, loss_fn, mask)            # no grad: no DDP needed
         hidden = packed_hidden(model, batch.packed, mask)                     # through DDP: grads sync
-        out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(unwrap(model)), batch.pairs, ref, ...)
-        out.loss.backward()                                                   # all-reduce happens here
+        out = loss_fn(batch.scoring_rows(hidden), lm_head_weight(unwrap(model)), batch.pairs, ref)
+        out.loss_sum.backward()                    # all-reduce here; then grads *= world_size / Σ normalizer
     cleanup(ctx)
 
 Gradient accumulation: wrap the backward of every micro-batch but the last of an optimizer step in
 ``model.no_sync()`` (one all-reduce per step instead of one per micro-batch). DDP's all-reduce is a *mean*
-over ranks, so the update is that of the mean of the ranks' losses; each rank's loss is already a mean over
-its own pairs.
+over ranks; the trainer (:func:`pvfast.train.loop.accumulate_step`) backpropagates each micro-batch's loss
+*sum*, all-reduces the step's normaliser and scales the averaged gradient by world_size / Σ normaliser, so the
+update is that of the objective over every record of the step, however the ranks split them.
 
 Equal step counts: every rank must run the same number of synchronised backwards, or the ranks that finish
 early leave the others waiting in an all-reduce forever. :func:`shard` therefore pads the item list by
-wrapping around to its start until it divides evenly, so a few items (at most ``world_size - 1``) are seen
-twice per epoch. That is the ``DistributedSampler`` convention; the alternative, dropping the tail, loses
-data instead.
+wrapping around to its start until it divides evenly (the ``DistributedSampler`` convention); the trainer
+runs those repeats (:func:`shard_padding`) with a zero loss and counts nothing of them, so no item is
+weighted twice.
 
 Frozen weights are not broadcast: DDP normally copies every parameter from rank 0 at construction. Under
 LoRA the base weights are frozen and every rank loads them from the same checkpoint, so only trainable
@@ -173,6 +174,16 @@ def shard(items: Sequence, ctx: DistContext) -> list:
         return []
     per_rank = -(-n // ctx.world_size)
     return [items[i % n] for i in range(ctx.rank, per_rank * ctx.world_size, ctx.world_size)]
+
+
+def shard_padding(n: int, ctx: DistContext) -> list[bool]:
+    """Aligned with ``shard(items, ctx)`` for ``len(items) == n``: whether each position of this rank's share
+    is padding (a wrapped-around repeat). The trainer runs such a micro-batch for DDP's sake and counts
+    nothing of it, so an epoch's objective covers every item exactly once."""
+    if n == 0:
+        return []
+    per_rank = -(-n // ctx.world_size)
+    return [i >= n for i in range(ctx.rank, per_rank * ctx.world_size, ctx.world_size)]
 
 
 class PackedDecoder(nn.Module):

@@ -183,7 +183,8 @@ def failure(err: BaseException) -> tuple[int, str] | None:
 
     The line starts with ``error:`` (``interrupted:`` for a signal) and names the file or setting at fault.
     """
-    from pvfast.model.loading import ModelLoadError  # lazy: this module stays import-light
+    from pvfast.model.forward import UnsupportedModelError  # lazy: this module stays import-light
+    from pvfast.model.loading import ModelLoadError
 
     def line(text: str) -> str:
         return " ".join(str(text).split())  # one line, whatever the message held
@@ -192,7 +193,7 @@ def failure(err: BaseException) -> tuple[int, str] | None:
         return EXIT_SIGNAL_BASE + err.signum, f"interrupted: {line(err)}"
     if isinstance(err, BadInput):
         return EXIT_BAD_INPUT, f"error: {err}"  # data problems are one line per problem, by design
-    if isinstance(err, ModelLoadError):
+    if isinstance(err, (ModelLoadError, UnsupportedModelError)):
         return EXIT_MODEL, f"error: {line(err)}"
     if isinstance(err, NonFinite):
         return EXIT_NON_FINITE, f"error: {line(err)}"

@@ -76,53 +76,56 @@ class StepTotals:
     """One optimizer step's loss and metrics as sums over its micro-batches, then over the ranks.
 
     The loss is Σ loss_sum / Σ normalizer; a metric that is a mean is Σ (mean · count) / Σ count, a metric
-    without a count is summed. Exact whatever the pack split and the number of ranks.
+    without a count is summed. Exact whatever the pack split and the number of ranks. The sums stay on the
+    device (no host sync per micro-batch) until :meth:`reduce` reads them once.
     """
 
     def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.normalizer = 0.0
-        self.values: dict[str, float] = {}
-        self.counts: dict[str, float | None] = {}
+        self.names: list[str] | None = None
+        self.summed: set[str] = set()
+        self.sums: torch.Tensor | None = None  # [loss_sum, normalizer, value·count..., count...] in float64
+        self.normalizer = 0.0  # Σ normalizer over micro-batches and ranks, set by reduce
 
-    def add(self, out, loss_sum: float) -> None:
-        self.loss_sum += loss_sum
-        self.normalizer += float(out.normalizer)
-        for name, value in out.metrics.items():
-            count = out.metric_counts.get(name)
-            weight = 1.0 if count is None else float(count)
-            self.values[name] = self.values.get(name, 0.0) + float(value) * weight
-            if count is None:
-                self.counts[name] = None
-            else:
-                self.counts[name] = (self.counts.get(name) or 0.0) + weight
+    def add(self, out, counted: bool = True) -> None:
+        if self.names is None:
+            self.names = sorted(out.metrics)
+            self.summed = {n for n in self.names if out.metric_counts.get(n) is None}
+        one = torch.ones((), dtype=torch.float64, device=out.loss_sum.device)
+        counts = [one if n in self.summed else out.metric_counts[n].detach().to(torch.float64) for n in self.names]
+        values = [out.metrics[n].detach().to(torch.float64) * c for n, c in zip(self.names, counts)]
+        row = torch.stack([out.loss_sum.detach().to(torch.float64), out.normalizer.detach().to(torch.float64),
+                           *values, *counts])
+        row = row if counted else torch.zeros_like(row)
+        self.sums = row if self.sums is None else self.sums + row
 
     def reduce(self, ctx) -> dict[str, float]:
-        """Sum over the ranks (one all-reduce), then the step's loss and metric values."""
-        names = sorted(self.values)
-        local = [self.loss_sum, self.normalizer, *(self.values[n] for n in names),
-                 *(self.counts[n] or 0.0 for n in names)]
-        total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device), ctx).tolist()
-        self.loss_sum, self.normalizer = total[0], total[1]
-        values, counts = total[2:2 + len(names)], total[2 + len(names):]
-        out = {name: (value if self.counts[name] is None else value / max(count, 1e-30))
-               for name, value, count in zip(names, values, counts)}
-        out["loss"] = self.loss_sum / self.normalizer
+        """Sum over the ranks (one all-reduce, one host read), then the step's loss and metric values."""
+        total = dist.all_reduce_sum(self.sums, ctx).tolist()
+        loss_sum, self.normalizer = total[0], total[1]
+        k = len(self.names)
+        values, counts = total[2:2 + k], total[2 + k:]
+        out = {name: (value if name in self.summed else value / max(count, 1e-30))
+               for name, value, count in zip(self.names, values, counts)}
+        out["loss"] = loss_sum / self.normalizer
         return out
 
 
 def accumulate_step(model, local: Sequence[LossBatch], loss_fn: FusedTokenPOLoss,
-                    reference: Callable | None, ctx, autocast_mode: str, step_number: int) -> dict[str, float]:
+                    reference: Callable | None, ctx, autocast_mode: str, step_number: int,
+                    padding: Sequence[bool] | None = None) -> dict[str, float]:
     """Forward and backward of one optimizer step's micro-batches on this rank.
 
     Leaves in every trainable parameter's ``.grad`` the gradient of the step's objective over ALL its
     micro-batches on ALL ranks, Σ loss_sum / Σ normalizer (:class:`pvfast.objectives.losses.ObjectiveOutput`):
     the same gradient whatever the pack split and the number of ranks. Returns the step's loss and metrics.
     Raises NonFiniteLoss (on every rank together) before a non-finite loss reaches the gradients.
+    ``padding[k]``: micro-batch k only keeps the ranks in step (:func:`pvfast.train.distributed.shard_padding`,
+    a repeat at the end of an epoch): it runs forward and backward for DDP's sake and adds nothing.
     """
     inner = dist.unwrap(model)
     device = ctx.device
     totals = StepTotals()
+    padding = [False] * len(local) if padding is None else list(padding)
     for k, cpu_batch in enumerate(local):
         batch = cpu_batch.to(device)
         mask = packed_attention_mask(inner, batch.packed)  # shared by the reference and policy passes
@@ -145,8 +148,8 @@ def accumulate_step(model, local: Sequence[LossBatch], loss_fn: FusedTokenPOLoss
                                     loss_sum)
             # The step's objective is one ratio over every micro-batch of every rank: backpropagate the sums
             # now, divide once the step's total normalizer is known (below).
-            out.loss_sum.backward()
-        totals.add(out, loss_sum)
+            (out.loss_sum * 0.0 if padding[k] else out.loss_sum).backward()
+        totals.add(out, counted=not padding[k])  # a padding micro-batch adds zeros (and the metric names)
     sums = totals.reduce(ctx)
     # DDP averaged the ranks' gradients; times world_size / Σ normalizer gives ∇(Σ loss_sum / Σ normalizer).
     scale = ctx.world_size / totals.normalizer
@@ -243,16 +246,19 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss, refer
     check_resume_plan(batches, stage)
 
     started_at = state.step
-    orders: dict[int, list[int]] = {}
+    orders: dict[int, list[tuple[int, bool]]] = {}
     model.train()
     with _progress_bar(ctx, total, state.step, stage.title) as progress:
         while state.step < total:
             step = plan[state.step]
             if step.epoch not in orders:
-                orders = {step.epoch: dist.shard(epoch_order(len(batches), run.seed, step.epoch), ctx)}
-            local = [batches[i] for i in orders[step.epoch][step.cursor:step.cursor + step.rounds]]
+                order = epoch_order(len(batches), run.seed, step.epoch)
+                orders = {step.epoch: list(zip(dist.shard(order, ctx), dist.shard_padding(len(order), ctx)))}
+            share = orders[step.epoch][step.cursor:step.cursor + step.rounds]
+            local = [batches[i] for i, _ in share]
             tick = time.perf_counter()
-            sums = accumulate_step(model, local, loss_fn, reference, ctx, run.autocast, state.step + 1)
+            sums = accumulate_step(model, local, loss_fn, reference, ctx, run.autocast, state.step + 1,
+                                   padding=[pad for _, pad in share])
             tokens = sum(b.packed.tree_tokens for b in local)
             pairs = sum(b.num_pairs for b in local)
             fault_point(f"{stage.name}.step")
