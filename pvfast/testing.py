@@ -78,3 +78,12 @@ def activate_lora(model, seed: int = 0, std: float = 0.05):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for the MASTER_PORT of a multi-process test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

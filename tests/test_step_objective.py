@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ from pvfast.objectives.losses import compute_objective
 from pvfast.objectives.stats import segment_stats_reference
 from pvfast.objectives.weights import token_weights
 from pvfast.packing.loss_batch import make_loss_batches, preference_groups, sft_groups
-from pvfast.testing import activate_lora, load_tiny_model
+from pvfast.testing import activate_lora, free_port, load_tiny_model
 from pvfast.train.distributed import DistContext, cleanup, setup_distributed, shard, shard_padding, unwrap, wrap_model
 from pvfast.train.loop import accumulate_step
 
@@ -202,12 +201,6 @@ def _rank_worker(rank: int, port: int, case: str, out_dir: str) -> None:
         cleanup(ctx)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["tabpo_cb", "dpo", "simpo", "sft_token_cb", "sft_sequence"])
 def test_two_rank_step_gradient_equals_the_single_process_step(case, tmp_path):
     objective, config = CASES[case]
@@ -217,7 +210,7 @@ def test_two_rank_step_gradient_equals_the_single_process_step(case, tmp_path):
     model = _model()
     loss_fn = FusedTokenPOLoss(objective, config, impl=IMPL, class_weights=table)
     single, sums = _step_grads(model, packs, loss_fn, DistContext(0, 1, 0, CPU, True))
-    mp.spawn(_rank_worker, args=(_free_port(), case, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), case, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert [r["padding"] for r in results] == [[False, False], [False, True]]  # the epoch-end repeat is in play
     for result in results:

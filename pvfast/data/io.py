@@ -632,8 +632,9 @@ def load_preferences(path: str | os.PathLike, *, skip_invalid: bool = False) -> 
     """Read preference records (pvfast JSONL or TRL prompt/chosen/rejected rows), validating each.
 
     Chosen and rejected completions must parse strictly (:func:`parse_output`), every rejected must
-    differ from chosen, and weights must be > 0. TRL rows are grouped: consecutive valid rows with the
-    same prompt and chosen make one record. Returns and raises like :func:`load_examples`.
+    differ from chosen, and a legacy ``weight`` must be > 0 (it is read, validated and not used). TRL rows
+    are grouped: consecutive valid rows with the same prompt and chosen make one record. Returns and raises
+    like :func:`load_examples`.
     """
     source = _read_source(path)
     seen: dict[str, int] = {}

@@ -41,7 +41,7 @@ is not trained to stop on that record.
 Epoch order: packs are built once, deterministically; :func:`epoch_order` shuffles pack indices per epoch
 as a pure function of (seed, epoch), so a run resumes at (epoch, cursor) with ``epoch_order(...)[cursor:]``.
 
-Usage (a training step; ``pvfast.model.reference`` holds the reference side)::
+Usage (the trainer's step, :func:`pvfast.train.loop.accumulate_step`, does this with DDP and precision)::
 
     groups = preference_groups(records, tokenizer, token_budget=16384)
     batches = make_loss_batches(groups, 16384, "po")
@@ -51,7 +51,9 @@ Usage (a training step; ``pvfast.model.reference`` holds the reference side)::
         mask = packed_attention_mask(model, batch.packed)                 # shared by both passes
         ref = reference_stats(model, batch, loss_fn, mask)               # or cache.get(batch, loss_fn)
         rows = batch.scoring_rows(packed_forward(model, batch.packed, mask))
-        out = loss_fn(rows, lm_head_weight(model), batch.pairs, ref)          # ObjectiveOutput
+        out = loss_fn(rows, lm_head_weight(model, allow_softcap=True), batch.pairs, ref,
+                      softcap=final_logit_softcap(model))
+        out.loss_sum.backward()                                           # a step divides by Σ out.normalizer
 """
 
 from __future__ import annotations
@@ -294,7 +296,7 @@ def make_loss_batches(
     pad_to_multiple: int = 1,
     pad_id: int = 0,
 ) -> list[LossBatch]:
-    """Pack ``groups`` into rows of at most ``token_budget`` tokens and attach pairs and example weights.
+    """Pack ``groups`` into rows of at most ``token_budget`` tokens and attach the pairs.
 
     Packing is :func:`pvfast.packing.tree.pack` (first-fit-decreasing on marginal trie cost): deterministic,
     each row lists its groups in input order. kind "po" expects groups from :func:`preference_groups`

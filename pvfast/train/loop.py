@@ -22,7 +22,7 @@ from pvfast.train.checkpoint import TrainState, collect_rng_state, load_checkpoi
 from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss, NonFiniteUpdate
 from pvfast.train.faults import fault_point
 from pvfast.train.layout import PLOT_FILE
-from pvfast.train.metrics_log import _peak_memory_mb, plot_curves
+from pvfast.train.metrics_log import peak_memory_mb, plot_curves
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss, refer
                       "scored_tokens": sum(b.packed.num_scored for b in local) * ctx.world_size,
                       "tokens_per_s": tokens * ctx.world_size / elapsed,
                       "pairs_per_s": pairs * ctx.world_size / elapsed,
-                      "peak_mem_mb": _peak_memory_mb(device), "step_time_s": elapsed}
+                      "peak_mem_mb": peak_memory_mb(device), "step_time_s": elapsed}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if state.step % run.log_every == 0 or state.step == total:

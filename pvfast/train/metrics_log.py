@@ -123,7 +123,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         atomic.write_bytes(path, image.getvalue())
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
