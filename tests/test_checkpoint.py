@@ -2,6 +2,7 @@
 rotation, clear errors, merging, and an NF4 round trip."""
 
 import dataclasses
+import json
 import random
 import shutil
 from pathlib import Path
@@ -463,3 +464,25 @@ def test_every_checkpoint_damaged_leaves_nothing_to_resume_and_says_why(two_chec
     assert "optimizer.pt: sha256 differs" in found.rejected[0][1]
     assert "rng.pt" in found.rejected[1][1] and "truncated" in found.rejected[1][1]
     assert ckpt.find_resume_checkpoint(tmp_path / "fresh") == ckpt.ResumePoint(None, ())
+
+
+def test_a_checkpoint_written_by_pvfast_0_1_0_still_resumes(tmp_path, capsys):
+    """tests/fixtures/run-0.1.0-sft was written by the code before the restructure (commit 1f399c6:
+    `python -m pvfast.train sft --preset tiny --optim.max_steps 3 --run.stop_after_steps 2 --run.save_every 1
+    --run.evaluate false --data.synthetic_n 40`). The same command with --run.resume continues it at step 3."""
+    from pvfast.train import recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-0.1.0-sft", run)
+    old_metrics = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    args = ["sft", "--preset", "tiny", "--run.output_dir", str(run), "--optim.max_steps", "3", "--run.save_every",
+            "1", "--run.evaluate", "false", "--data.synthetic_n", "40", "--run.resume"]
+    assert recipe.main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [s for s in steps if "step" in s]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert [json.dumps(s) for s in steps[:2]] == [line for line in old_metrics if '"step"' in line]  # kept as is
+    assert ckpt.latest_checkpoint(run).name == "step-000003" and (run / "adapter" / "adapter_config.json").is_file()
+    optimizer = torch.load(run / "checkpoints" / "step-000003" / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {3}  # AdamW's state came from the old run
