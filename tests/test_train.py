@@ -135,6 +135,25 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bitwise(sft_run, tmp_p
     assert_bitwise_equal(adapter_weights(out), adapter_weights(sft_run))
 
 
+def test_sigterm_outside_training_stops_at_once_with_143(tmp_path, monkeypatch, capsys):
+    """A signal during evaluation (minutes of generation) stops the run at once, not after it: the adapter is
+    complete, there is nothing to checkpoint, the exit status says which signal."""
+    started = {}
+
+    def slow_generation(*args, **kwargs):
+        started["t"] = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # a long evaluation; the signal must cut it short
+        raise AssertionError("generation was not interrupted")
+
+    monkeypatch.setattr(train, "generate_completions", slow_generation)
+    args = ["sft", *tiny_args(tmp_path, "eval_signal", steps=1), "--run.evaluate", "true"]
+    assert train.main(args) == 128 + signal.SIGTERM
+    assert time.perf_counter() - started["t"] < 30
+    assert (tmp_path / "eval_signal" / layout.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert "interrupted: SIGTERM outside a training step" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Faults
 # --------------------------------------------------------------------------------------------------

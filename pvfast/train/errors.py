@@ -144,18 +144,26 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved at ``step``."""
+    """SIGINT/SIGTERM arrived: in training, after a checkpoint was saved at ``step``; elsewhere (pair mining,
+    evaluation, merging) at once, with every finished output complete (``step`` None)."""
 
-    def __init__(self, signum: int, step: int, path: Path | None):
-        super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint {path}")
+    def __init__(self, signum: int, step: int | None, path: Path | None):
+        name = signal.Signals(signum).name
+        if step is None:
+            super().__init__(f"{name} outside a training step; finished outputs are complete, rerun with "
+                             f"--run.resume to continue")
+        else:
+            super().__init__(f"{name} at step {step}; checkpoint {path}")
         self.signum = signum
 
 
-# Signals: set a flag, act on it between optimizer steps (a checkpoint mid-step would be inconsistent)
+# Signals: in the training loop, set a flag and act on it between optimizer steps (a checkpoint mid-step
+# would be inconsistent); anywhere else (generation, merging) stop at once: there is nothing to save.
 
 
 class _StopFlag:
     signum: int | None = None
+    deferred: bool = False  # inside the training loop: the loop checks the flag between steps
 
 
 STOP = _StopFlag()
@@ -165,17 +173,29 @@ def _on_signal(signum, frame) -> None:
     if STOP.signum is not None:  # a second signal: the user insists, stop now without a checkpoint
         raise KeyboardInterrupt
     STOP.signum = signum
+    if not STOP.deferred:
+        raise Interrupted(signum, None, None)
 
 
 @contextlib.contextmanager
 def signal_handlers():
-    STOP.signum = None
+    STOP.signum, STOP.deferred = None, False
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Within the block (the training loop) a signal only sets :data:`STOP`; the loop saves, then stops."""
+    STOP.deferred = True
+    try:
+        yield
+    finally:
+        STOP.deferred = False
 
 
 def failure(err: BaseException) -> tuple[int, str] | None:

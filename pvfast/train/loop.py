@@ -19,7 +19,7 @@ from pvfast.objectives.fused_loss import FusedTokenPOLoss
 from pvfast.packing.loss_batch import LossBatch, epoch_order
 from pvfast.train import distributed as dist
 from pvfast.train.checkpoint import TrainState, collect_rng_state, load_checkpoint, save_checkpoint
-from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss, NonFiniteUpdate
+from pvfast.train.errors import STOP, BadInput, Interrupted, NonFiniteLoss, NonFiniteUpdate, deferred_signals
 from pvfast.train.faults import fault_point
 from pvfast.train.layout import PLOT_FILE
 from pvfast.train.metrics_log import peak_memory_mb, plot_curves
@@ -248,7 +248,7 @@ def train_loop(model, batches: list[LossBatch], loss_fn: FusedTokenPOLoss, refer
     started_at = state.step
     orders: dict[int, list[tuple[int, bool]]] = {}
     model.train()
-    with _progress_bar(ctx, total, state.step, stage.title) as progress:
+    with _progress_bar(ctx, total, state.step, stage.title) as progress, deferred_signals():
         while state.step < total:
             step = plan[state.step]
             if step.epoch not in orders:
