@@ -5,12 +5,12 @@ import its own layer and the layers below it, never one above)::
 
     base           pvfast (the lazy package root), pvfast.atomic            importable by every layer
     configuration  pvfast.config.*, pvfast.objectives.config                importable by every layer
-    data           pvfast.data.*          records, formats, readers, prompts, token roles, synthetic corpus
+    data           pvfast.data.*          records, formats, readers, prompts, token roles, synthetic corpus,
+                                          SPEC §5 matching rules, SPEC §4 pair mining
     objectives     pvfast.objectives.*, pvfast.ops.*, pvfast.kernels.*    statistics, losses, dispatch, Triton
     packing        pvfast.packing.*       the prefix-tree packer, loss and padded batches (never the model)
     model          pvfast.model.*         loading, the packed forward, reference, generation, tiny models
     eval           pvfast.eval.*          SPEC §5 metrics and scoring
-    pair mining    pvfast.data.pairs      SPEC §4: confusion tables from outputs scored with the eval metrics
     train / CLIs   pvfast.train.*, pvfast.evaluate, pvfast.pairs, pvfast.extract, pvfast.data.__main__ and
                    pvfast.data.demo (the ``python -m pvfast.data`` command and its demo, which tokenizes
                    with the tiny model's tokenizer)
@@ -42,7 +42,6 @@ LAYERS = (  # lowest first: (name, prefixes)
     ("packing", ("pvfast.packing",)),
     ("model", ("pvfast.model",)),
     ("eval", ("pvfast.eval",)),
-    ("pair mining", ("pvfast.data.pairs",)),
     ("train/CLIs", ("pvfast.train", "pvfast.evaluate", "pvfast.pairs", "pvfast.extract", "pvfast.data.__main__",
                     "pvfast.data.demo")),
     ("test helpers", ("pvfast.testing",)),

@@ -6,17 +6,9 @@ import math
 import pytest
 
 from pvfast.data.jsonfmt import parse_output, serialize
+from pvfast.data.matching import greedy_span_matching, span_words, spans_match
 from pvfast.data.records import Annotation
-from pvfast.eval.metrics import (
-    aggregate,
-    greedy_span_matching,
-    render_table,
-    report_from_dict,
-    score_corpus,
-    span_counts,
-    span_words,
-    spans_match,
-)
+from pvfast.eval.metrics import aggregate, render_table, report_from_dict, score_corpus, span_counts
 
 PP, SDOH, SEB = "PartnershipPatient", "SDOH", "SocioEmotionalBehaviour"
 

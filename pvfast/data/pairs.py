@@ -77,8 +77,8 @@ from pvfast.data.codebook import (
     valid_subcodes,
 )
 from pvfast.data.jsonfmt import parse_output, serialize
+from pvfast.data.matching import code_labels, greedy_span_matching, subcode_labels
 from pvfast.data.records import Annotation, Example, PreferenceRecord
-from pvfast.eval.metrics import code_labels, greedy_span_matching, subcode_labels
 
 _WORD_RE = re.compile(r"\w+")
 
