@@ -225,9 +225,12 @@ def resolve_run(folder: str | os.PathLike) -> ModelSpec:
         return ModelSpec(str(merged), None, load_in_4bit, template, f"run {root}: {merged}")
     if not (adapter / "adapter_config.json").is_file():
         hint = ""
-        if stage != root and (root / "sft" / ADAPTER_DIR / "adapter_config.json").is_file():
-            hint = (f"; the SFT stage finished: use it with --model <base> --adapter {root / 'sft' / ADAPTER_DIR}, "
-                    f"or finish the run")
+        sft = root / "sft"
+        if stage != root and (sft / ADAPTER_DIR / "adapter_config.json").is_file():
+            use = f"--model {sft / MERGED_DIR}" if (sft / MERGED_DIR / "config.json").is_file() else \
+                f"--model <base model> --adapter {sft / ADAPTER_DIR}"
+            hint = f"; its SFT stage finished: use that model with {use}"
+            hint += f" --template {template}" if template else ""
         raise RunFolderError(f"{root}: the run has not finished: no trained adapter in {adapter} (continue it with "
                              f"python -m pvfast.train ... --run.resume{hint})")
     if (sft_merged / "config.json").is_file():
