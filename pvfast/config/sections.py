@@ -170,6 +170,9 @@ class RunConfig:
     eval_baselines: bool = False
     eval_max_new_tokens: int = _GENERATION_DEFAULTS.max_new_tokens  # generation cap (SPEC §5: 1024)
     eval_batch_size: int = _GENERATION_DEFAULTS.batch_size  # prompts per generate call
+    # Schema-constrained decoding in the run's generation (pair mining and evaluation); false shows the model's
+    # own format errors (with it on they are 0 by construction).
+    eval_constrained: bool = _GENERATION_DEFAULTS.constrained
     eval_max_examples: int | None = None  # evaluate the first N test examples; None = all of them
 
     def __post_init__(self) -> None:

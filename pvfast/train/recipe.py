@@ -306,7 +306,8 @@ def mine_preferences(stage: Stage, model, tokenizer, data: StageData, pairs: Pai
     Returns the records and a function that writes the pair files (called once the records are accepted)."""
     run = stage.run
     outputs = generate_completions(dist.unwrap(model), tokenizer, data.validation, batch_size=run.eval_batch_size,
-                                   max_new_tokens=run.eval_max_new_tokens, template=data.template)
+                                   max_new_tokens=run.eval_max_new_tokens, template=data.template,
+                                   constrained=run.eval_constrained)
     fault_point("pairs.generate")
     code_table, sub_table = tables_from_outputs(data.validation, outputs)
     records = make_preference_records(data.train, code_table, sub_table, pairs)
@@ -369,7 +370,8 @@ def run_po(stage: Stage, data: StageData, po, pairs: PairConfig, sft_adapter: st
 def _score_test(model, tokenizer, data: StageData, run: RunConfig):
     examples = data.test if run.eval_max_examples is None else data.test[:run.eval_max_examples]
     outputs = generate_completions(dist.unwrap(model), tokenizer, examples, batch_size=run.eval_batch_size,
-                                   max_new_tokens=run.eval_max_new_tokens, template=data.template)
+                                   max_new_tokens=run.eval_max_new_tokens, template=data.template,
+                                   constrained=run.eval_constrained)
     return evaluate_outputs(examples, outputs)[0], len(examples)
 
 
@@ -381,7 +383,8 @@ def evaluate_model(model, tokenizer, data: StageData, run: RunConfig, out_dir: P
         return
     report, n_messages = _score_test(model, tokenizer, data, run)
     print(render_table([report]), flush=True)
-    settings = {"source": source, "n_messages": n_messages, "max_new_tokens": run.eval_max_new_tokens}
+    settings = {"source": source, "n_messages": n_messages, "max_new_tokens": run.eval_max_new_tokens,
+                "constrained": run.eval_constrained}
     path = out_dir / REPORT_FILE
     payload = report_json([(source, report)], settings)
     if baselines:
