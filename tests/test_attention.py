@@ -253,6 +253,19 @@ def test_resolve_attn_implementation_defaults():
     assert resolve_attn_implementation("sdpa_dense", "cpu") == "sdpa"
     assert resolve_attn_implementation("auto", "cuda") == "sdpa"
     assert resolve_attn_implementation("eager", "cpu") == "eager"
+    assert resolve_attn_implementation("flex_attention", "cuda") == "flex_attention"
+
+
+def test_flex_attention_is_refused_on_the_cpu_before_loading():
+    # transformers compiles FlexAttention with automatic dynamic shapes, and inductor's CPU template cannot
+    # compile the dynamic recompile: a run would fail at its second sequence length, so it is refused at load.
+    from pvfast.config.sections import ModelConfig
+    from pvfast.model.loading import ModelLoadError, load_base_model
+
+    with pytest.raises(ValueError, match="'flex_attention' does not run on the CPU"):
+        resolve_attn_implementation("flex_attention", "cpu")
+    with pytest.raises(ModelLoadError, match="model.attn_implementation: .*use 'auto'"):
+        load_base_model(ModelConfig(quant="none", attn_implementation="flex_attention"), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------- sliding windows
@@ -467,6 +480,10 @@ def test_flex_attention_windowed_block_masks_equal_separate_sequences():
     # The first FlexAttention calls compile (~20 s each on the CPU): one small windowed case only.
     from torch.nn.attention.flex_attention import BlockMask
 
+    # A fresh compile for this one shape: after another shape, transformers' compiled FlexAttention
+    # recompiles with dynamic shapes, which inductor's CPU template cannot compile (why the trainer refuses
+    # flex_attention on the CPU); the block masks checked here are the ones the GPU runs.
+    torch._dynamo.reset()
     model = _random_model(_qwen2_windowed(5), "sdpa")
     groups = _long_groups(8)
     (batch,) = pack(groups, token_budget=1024)

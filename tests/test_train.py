@@ -390,6 +390,15 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_flex_attention_on_the_cpu_is_refused_before_anything_is_written(tmp_path, capsys):
+    args = ["sft", "--run.device", "cpu", "--model.attn_implementation", "flex_attention",
+            "--run.output_dir", str(tmp_path / "x")]
+    assert train.main(args) == 2
+    assert "model.attn_implementation: attn_implementation 'flex_attention' does not run on the CPU" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_torchrun_two_cpu_processes_train_and_rank0_writes(tmp_path):
     # gloo DDP: every rank takes its share of each step's packs; only rank 0 logs and saves.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

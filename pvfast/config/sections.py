@@ -68,7 +68,8 @@ class ModelConfig:
     # Attention of the packed passes (pvfast.model.forward.resolve_attn_implementation): auto = the measured
     # default of the device (pvfast_tree on the CPU: SDPA run on the tree's parts, only the attended pairs;
     # sdpa on CUDA); sdpa = the same; sdpa_dense = SDPA with the dense (L, L) tree mask; flex_attention = block
-    # masks (GPU); eager = additive mask.
+    # masks (GPU only: refused on the CPU, where inductor cannot compile it for varying lengths); eager =
+    # additive mask.
     attn_implementation: Literal["auto", "pvfast_tree", "sdpa", "sdpa_dense", "flex_attention", "eager"] = "auto"
 
     def __post_init__(self) -> None:

@@ -220,6 +220,13 @@ def resolve_attn_implementation(requested: str, device: torch.device | str) -> s
         requested = DEFAULT_ATTENTION.get(device_type, "sdpa")
     elif requested == "sdpa_dense":
         requested = "sdpa"
+    elif requested == "flex_attention" and device_type == "cpu":
+        # transformers compiles FlexAttention with automatic dynamic shapes; on the CPU, inductor's C++ template
+        # for the dynamic recompile (the second sequence length a run meets) does not compile (torch 2.13:
+        # "'cur_qSplitSize8' was not declared"). Refused up front rather than failing mid-run.
+        raise ValueError("attn_implementation 'flex_attention' does not run on the CPU: torch inductor's C++ "
+                         "FlexAttention fails to compile once sequence lengths vary; use 'auto' (pvfast_tree, "
+                         "the CPU default) or run flex_attention on a GPU")
     if requested == TREE_ATTENTION:
         _register_tree_attention()
     return requested

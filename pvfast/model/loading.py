@@ -180,8 +180,12 @@ def load_base_model(cfg: ModelConfig, device: torch.device, source: str | None =
     # pvfast_tree on the CPU (pvfast.model.forward.resolve_attn_implementation, which also registers it).
     from pvfast.model.forward import resolve_attn_implementation
 
+    try:
+        attn_implementation = resolve_attn_implementation(cfg.attn_implementation, device)
+    except ValueError as err:
+        raise ModelLoadError(f"model.attn_implementation: {err}") from err
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=TRUST_REMOTE_CODE,
-                  attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device))
+                  attn_implementation=attn_implementation)
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = _quantization_config(dtype)
         # bitsandbytes quantizes while loading onto the target device

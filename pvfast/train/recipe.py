@@ -84,6 +84,7 @@ from pvfast.data.pairs import make_preference_records, tables_from_outputs, writ
 from pvfast.data.records import Example, PreferenceRecord
 from pvfast.eval.metrics import render_comparison, render_table
 from pvfast.eval.scoring import evaluate_outputs, report_json
+from pvfast.model.forward import resolve_attn_implementation
 from pvfast.model.generation import generate_completions
 from pvfast.model.loading import load_model, load_tokenizer, model_source
 from pvfast.model.reference import precompute_reference, reference_stats
@@ -426,6 +427,10 @@ def run(stage_name: str, cfg, ctx, preset: str | None = None) -> int:
     needs_test = cfg.run.evaluate and (stage_name == "pipeline" or cfg.data.test is not None or cfg.data.train is None)
 
     # check: inputs, output folders, lengths (nothing is written before this is done)
+    try:  # an attention implementation the device cannot run is refused before any file is read or written
+        resolve_attn_implementation(cfg.model.attn_implementation, ctx.device)
+    except ValueError as err:
+        raise BadInput(f"model.attn_implementation: {err}") from err
     data = load_stage_data(stage_name, cfg.data, needs_test)
     sft = po = None
     if stage_name in ("sft", "pipeline"):
