@@ -244,7 +244,7 @@ def test_po_stage_starts_at_the_sft_model_and_precomputed_reference_gives_the_sa
 
 def test_no_arguments_runs_the_tiny_pipeline_and_writes_everything(tmp_path):
     started = time.perf_counter()
-    # The default preset is the real SmolLM2 model (about 20 minutes); the smoke test pins the tiny one.
+    # The default preset is the real SmolLM2 model (about 10 minutes); the smoke test pins the tiny one.
     proc = subprocess.run([sys.executable, "-m", "pvfast.train", "--preset", "tiny"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     elapsed = time.perf_counter() - started

@@ -118,8 +118,8 @@ _SMOLLM2_PRESET = {
 
 #: What the trainer prints at the start of a preset's run: how long it should take and where.
 PRESET_NOTES: Mapping[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct on 2 CPU cores: about 20 minutes when the cores are idle (estimate), "
-                    "about an hour on a machine shared with other jobs (measured at load 11; set "
+    "smollm2-135m": "SmolLM2-135M-Instruct on 2 CPU cores: about 10 minutes when the cores are idle (measured: "
+                    "experiments/results/default_run), up to an hour on a machine shared with other jobs (set "
                     "OMP_WAIT_POLICY=PASSIVE there); +1 minute the first time, to set the model up",
     "tiny": "random tiny model on the CPU: a few minutes; it learns nothing (a smoke test)",
 }
