@@ -86,7 +86,9 @@ _SMOLLM2_PRESET = {
         "name_or_path": "smollm2-135m-instruct",  # pvfast.model.smollm2.NAME
         "quant": "none",  # fp32 on the CPU: NF4 dequantisation makes every matmul slower there
         "dtype": "fp32",
-        "gradient_checkpointing": False,  # 135M parameters and 2k-token rows: activations fit easily
+        # measured (bench/results/tree_attention_checkpointing-cpu.md): checkpointing would cost 1.21x step time;
+        # without it an 8k pack adds ~10 GiB, so the 3k-token rows here fit easily
+        "gradient_checkpointing": False,
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_targets": _SMOLLM2_TOP_LAYERS,
